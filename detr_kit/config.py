@@ -1,0 +1,516 @@
+"""Typed, frozen configuration loaded from YAML.
+
+A config file is a YAML mapping with the sections ``model``, ``data``, ``train`` and ``eval``. It may name
+``_base_: other.yaml`` (a path relative to the file, or a list of them) whose values it overrides key by key.
+Command-line overrides are ``a.b.c=value`` strings whose value is parsed as YAML and type-checked.
+
+Unknown keys and wrong types are errors that name the file, the key and the closest valid key.
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file, the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Options that only the ViT backbones read."""
+
+    patch_size: int = 16
+    drop_path: float = 0.1  # stochastic depth rate of the last block (linear in depth)
+    window_size: int = 0  # 0 = global attention in every block; > 0 = ViTDet windows of this many patches
+    global_blocks: tuple[int, ...] = ()  # blocks that keep global attention when window_size > 0
+    use_cls_token: bool = True
+    pretrain_image_size: int = 224  # the grid the position embeddings were trained at
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | vit_tiny | vit_small | vit_base
+    weights: str | None = None  # torchvision weights name ("IMAGENET1K_V1", "DEFAULT") or a local file path
+    norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"  # frozen BN for pretrained weights; bn/gn from scratch
+    trainable_stages: int = 3  # ResNet: how many of (layer4, layer3, layer2, layer1, stem) train, 0..5
+    dilation: bool = False  # DC5: dilate the last stage instead of striding it
+    channels_last: bool = False
+    vit: ViTConfig = field(default_factory=ViTConfig)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights (the criterion's) and matching costs (the matcher's)."""
+
+    class_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    eos_coef: float = 0.1  # weight of the no-object class (softmax heads only)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["detr", "deformable_detr"] = "detr"
+    num_classes: int | None = None  # K; None = taken from the dataset's categories
+    num_queries: int = 100
+    hidden_dim: int = 256
+    num_heads: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    position_embedding: Literal["sine", "learned"] = "sine"
+    aux_loss: bool = True
+    exact_padding: bool = False  # run the backbone on each image unpadded (evaluation turns it on, see EvalConfig)
+    # Deformable-DETR
+    num_feature_levels: int = 4
+    enc_points: int = 4
+    dec_points: int = 4
+    box_refine: bool = False
+    two_stage: bool = False
+    num_proposals: int = 300  # two-stage: encoder proposals kept as decoder references
+    focal: bool | None = None  # sigmoid focal classification; None = the arch's default (deformable: yes)
+    compile: bool = False  # torch.compile the model
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    @property
+    def uses_focal(self) -> bool:
+        return self.arch == "deformable_detr" if self.focal is None else self.focal
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The generated shapes dataset (written to ``DataConfig.root`` on first use)."""
+
+    num_train: int = 512
+    num_val: int = 64
+    image_size: int = 128
+    min_objects: int = 0
+    max_objects: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """One extra albumentations transform: ``{name: RandomBrightnessContrast, kwargs: {p: 0.5}}``."""
+
+    name: str = ""
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["coco", "synthetic"] = "coco"
+    root: str = "data/coco"
+    train_images: str = "train2017"
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # The DETR recipe: flip; then multi-scale resize, or resize + random crop + multi-scale resize.
+    train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    crop_resize_scales: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)  # min, max side of the random crop
+    max_size: int = 1333
+    eval_size: int = 800
+    hflip: bool = True
+    extra_transforms: tuple[TransformConfig, ...] = ()
+    batch_size: int = 2  # per process
+    num_workers: int = 2
+    aspect_ratio_grouping: bool = True
+    on_bad_image: Literal["skip", "error"] = "skip"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = ""  # "" = runs/<config file stem>
+    epochs: int = 50
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    lr_linear_proj_mult: float = 0.1  # Deformable-DETR: sampling offsets and reference points
+    weight_decay: float = 1e-4
+    no_weight_decay_on_norm_bias: bool = False
+    layer_decay: float = 1.0  # ViT layer-wise lr decay; 1.0 = off
+    lr_schedule: Literal["step", "cosine"] = "step"
+    lr_drop_epochs: tuple[int, ...] = (40,)
+    lr_drop_factor: float = 0.1
+    warmup_steps: int = 0
+    clip_max_norm: float = 0.1  # 0 = no clipping
+    accumulate_steps: int = 1
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    ema: bool = False
+    ema_decay: float = 0.9998
+    seed: int = 42
+    deterministic: bool = False
+    overfit_batches: int = 0  # > 0: train and evaluate on the same N batches
+    checkpoint_every_steps: int = 0  # 0 = once per epoch
+    eval_every_epochs: int = 1
+    log_every_steps: int = 10
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    init_from: str | None = None  # detr_kit, official or Hugging Face checkpoint to fine-tune from
+    num_vis_images: int = 4  # images with predicted boxes drawn after each evaluation
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 2
+    exact_padding: bool = True  # the backbone sees each image unpadded, so AP does not depend on batch size
+    score_threshold: float = 0.0
+    top_k: int = 100  # detections kept per image (focal heads: top-k over queries x classes)
+    backend: Literal["pycocotools", "fast"] = "pycocotools"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = ""  # filled from the config file's stem
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def replace(self, overrides: Sequence[str] = (), source: str = "<overrides>") -> "Config":
+        """A copy with ``a.b=c`` overrides applied and validated."""
+        data = to_dict(self)
+        for item in overrides:
+            _apply_override(data, item, source)
+        return from_dict(Config, data, source)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation of values that are well-typed but meaningless
+# --------------------------------------------------------------------------------------------------------------
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+VITS = ("vit_tiny", "vit_small", "vit_base")
+
+
+def _validate(cfg: Config, source: str) -> None:
+    def fail(key: str, value: Any, allowed: str) -> None:
+        raise ConfigError(f"{source}: {key}={value!r} is invalid; allowed: {allowed}")
+
+    m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
+    if m.backbone.name not in RESNETS + VITS:
+        close = difflib.get_close_matches(m.backbone.name, RESNETS + VITS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        fail("model.backbone.name", m.backbone.name, f"one of {', '.join(RESNETS + VITS)}{hint}")
+    if m.num_classes is not None and m.num_classes < 1:
+        fail("model.num_classes", m.num_classes, "an integer >= 1, or null to take it from the dataset")
+    for key in ("num_queries", "hidden_dim", "num_heads", "dim_feedforward", "enc_points", "dec_points", "num_proposals"):
+        if getattr(m, key) < 1:
+            fail(f"model.{key}", getattr(m, key), "an integer >= 1")
+    for key in ("num_encoder_layers", "num_decoder_layers"):
+        if getattr(m, key) < 1:
+            fail(f"model.{key}", getattr(m, key), "an integer >= 1")
+    if m.hidden_dim % m.num_heads:
+        fail("model.hidden_dim", m.hidden_dim, f"a multiple of model.num_heads={m.num_heads}")
+    if m.position_embedding == "sine" and m.hidden_dim % 2:
+        fail("model.hidden_dim", m.hidden_dim, "an even number (the sine encoding splits it between x and y)")
+    if not 0.0 <= m.dropout < 1.0:
+        fail("model.dropout", m.dropout, "a probability in [0, 1)")
+    if m.arch == "deformable_detr" and not 1 <= m.num_feature_levels <= 5:
+        fail("model.num_feature_levels", m.num_feature_levels, "1..5 (C3-C5 from the backbone plus extra stride-2 levels)")
+    if m.arch == "detr" and (m.box_refine or m.two_stage):
+        fail("model.arch", m.arch, "'deformable_detr' when model.box_refine or model.two_stage is on")
+    if m.two_stage and not m.box_refine:
+        fail("model.box_refine", m.box_refine, "true when model.two_stage is on (as in the reference code)")
+    if not 0 <= m.backbone.trainable_stages <= 5:
+        fail("model.backbone.trainable_stages", m.backbone.trainable_stages, "0..5")
+    if m.backbone.name in VITS and m.backbone.dilation:
+        fail("model.backbone.dilation", True, "false for ViT backbones")
+    for key in ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "lr_linear_proj_mult"):
+        value = getattr(t, key)
+        if not math.isfinite(value) or value < 0:
+            fail(f"train.{key}", value, "a finite number >= 0")
+    if t.lr <= 0:
+        fail("train.lr", t.lr, "a number > 0")
+    if t.epochs < 1:
+        fail("train.epochs", t.epochs, "an integer >= 1")
+    if t.accumulate_steps < 1:
+        fail("train.accumulate_steps", t.accumulate_steps, "an integer >= 1")
+    if not 0.0 < t.ema_decay < 1.0:
+        fail("train.ema_decay", t.ema_decay, "a number in (0, 1)")
+    if not 0.0 < t.layer_decay <= 1.0:
+        fail("train.layer_decay", t.layer_decay, "a number in (0, 1]")
+    if t.max_bad_steps < 1:
+        fail("train.max_bad_steps", t.max_bad_steps, "an integer >= 1")
+    if d.batch_size < 1:
+        fail("data.batch_size", d.batch_size, "an integer >= 1")
+    if e.batch_size < 1:
+        fail("eval.batch_size", e.batch_size, "an integer >= 1")
+    if d.num_workers < 0:
+        fail("data.num_workers", d.num_workers, "an integer >= 0")
+    if not d.train_scales or min(d.train_scales) < 1:
+        fail("data.train_scales", d.train_scales, "a non-empty list of positive sizes")
+    if len(d.crop_size) != 2 or not 0 < d.crop_size[0] <= d.crop_size[1]:
+        fail("data.crop_size", d.crop_size, "[min, max] with 0 < min <= max")
+    if d.max_size < max(d.train_scales + (d.eval_size,)):
+        fail("data.max_size", d.max_size, f">= the largest scale ({max(d.train_scales + (d.eval_size,))})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config, resolve its ``_base_`` chain, apply ``a.b=c`` overrides and validate.
+
+    Raises:
+        ConfigError: for an unreadable file, an unknown key, a wrong type or an invalid value; the message
+            names the file, the key and the closest valid key.
+    """
+    path = Path(path)
+    data = _read_with_bases(path, chain=())
+    for item in overrides:
+        _apply_override(data, item, f"{path} (command-line override {item!r})")
+    data.setdefault("name", path.stem)
+    return from_dict(Config, data, str(path))
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Build and validate a Config from a plain (possibly partial) mapping, e.g. one saved in a checkpoint."""
+    return from_dict(Config, dict(data), source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically), so a run can be reproduced from its output folder."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(str(p) for p in chain + (resolved,))}")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", None)
+    if bases is None:
+        return data
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        _merge(merged, _read_with_bases(base_path, chain + (resolved,)))
+    _merge(merged, data)
+    merged.pop("name", None) if "name" not in data else None
+    return merged
+
+
+def _merge(into: dict, update: Mapping) -> None:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict) and key != "kwargs":
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _apply_override(data: dict, item: str, source: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"{source}: override {item!r} must look like a.b.c=value")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    _check_path(Config, keys, source)
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: cannot set {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def _check_path(cls: type, keys: list[str], source: str) -> None:
+    """Fail early, with a suggestion, on an override whose dotted path names no field."""
+    for depth, key in enumerate(keys):
+        hints = get_type_hints(cls)
+        if key not in hints:
+            _unknown_key(cls, key, ".".join(keys[:depth]), source)
+        sub = _dataclass_in(hints[key])
+        if depth < len(keys) - 1:
+            if sub is None:
+                raise ConfigError(f"{source}: {'.'.join(keys[: depth + 1])} is a value, not a section")
+            cls = sub
+
+
+def _unknown_key(cls: type, key: str, prefix: str, source: str) -> typing.NoReturn:
+    valid = sorted(get_type_hints(cls))
+    full = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}? " if close else ""
+    raise ConfigError(f"{source}: unknown key {full!r}; {hint}valid keys here: {', '.join(valid)}")
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    for t in get_args(tp) or (tp,):
+        if is_dataclass(t):
+            return t  # type: ignore[return-value]
+    return None
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], source: str, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, recursively, checking keys and types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {prefix or 'the config'} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    for key in data:
+        if key not in hints:
+            _unknown_key(cls, str(key), prefix, source)
+    kwargs = {k: _convert(hints[k], v, source, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    if cls is Config:
+        _validate(obj, source)  # type: ignore[arg-type]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is tuple:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = get_origin(tp)
+
+    def wrong() -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            wrong()
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, source, key)
+            except ConfigError:
+                continue
+        wrong()
+    if origin is Literal:
+        if value in get_args(tp) and type(value) is type(get_args(tp)[0]):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: {key}={value!r} is not allowed; choose one of {_type_name(tp)}{hint}")
+    if is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if value is None:
+            wrong()
+        return from_dict(tp, value, source, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            wrong()
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must have {len(args)} items, got {value!r}")
+        return tuple(_convert(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        wrong()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        wrong()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        wrong()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        wrong()
+    if tp is dict or origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        wrong()
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain YAML-safe data (tuples become lists)."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+__all__ = [
+    "BackboneConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "TransformConfig",
+    "ViTConfig",
+    "config_from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
+]

@@ -1,0 +1,1 @@
+"""Backbones: torchvision ResNets and plain ViTs, each returning one FeatureMap per level."""

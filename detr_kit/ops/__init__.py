@@ -1,0 +1,1 @@
+"""Box operations and the multi-scale deformable attention core."""
