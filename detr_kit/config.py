@@ -234,7 +234,7 @@ def _validate(cfg: Config, source: str) -> None:
         fail("model.hidden_dim", m.hidden_dim, "an even number (the sine encoding splits it between x and y)")
     if not 0.0 <= m.dropout < 1.0:
         fail("model.dropout", m.dropout, "a probability in [0, 1)")
-    if m.arch == "deformable_detr" and not 1 <= m.num_feature_levels <= 5:
+    if not 1 <= m.num_feature_levels <= 5:
         fail("model.num_feature_levels", m.num_feature_levels, "1..5 (C3-C5 from the backbone plus extra stride-2 levels)")
     if m.arch == "detr" and (m.box_refine or m.two_stage):
         fail("model.arch", m.arch, "'deformable_detr' when model.box_refine or model.two_stage is on")
