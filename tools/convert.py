@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Convert an official DETR / Deformable-DETR or a Hugging Face checkpoint into a detr_kit checkpoint.
+
+    python tools/convert.py detr-r50-e632da11.pth --out weights/detr_r50_coco.pth
+    python tools/convert.py r50_deformable_detr_plus_iterative_bbox_refinement-checkpoint.pth --out weights/ddetr_refine.pth
+    python tools/convert.py detr-r50-dc5-f0fb7ef5.pth --out weights/detr_dc5.pth          # "dc5" in the name -> DC5
+    python tools/convert.py path/to/hf_save_pretrained_folder --out weights/hf_detr.pth --config configs/detr_r50.yaml
+
+The variant (DETR / DC5 / R101 / Deformable single- or multi-scale, +refine, +two-stage) is read from the keys.
+The config is --config, or the matching configs/*.yaml, with the detected values (classes, queries, layers,
+backbone, ...) applied on top. The label map is COCO's 91-slot layout of the released models (label ==
+category id, "N/A" for unused ids), or the Hugging Face config's id2label when it has one. The result loads
+with tools/eval.py, tools/infer.py, ``Detector.from_checkpoint`` and ``train.init_from``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="official .pth, Hugging Face folder / .safetensors / .bin")
+    parser.add_argument("--out", required=True, help="the detr_kit checkpoint to write (.pth)")
+    parser.add_argument("--config", default=None, help="base config (default: configs/*.yaml matching the variant)")
+    parser.add_argument(
+        "--dilation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="DC5 backbone (the weights cannot tell); default: the checkpoint's args, else 'dc5' in the file name",
+    )
+    parser.add_argument("--trusted", action="store_true", help="allow arbitrary pickled objects in the source")
+    return parser.parse_args(argv)
+
+
+def default_config(overrides: dict) -> Path:
+    """The configs/*.yaml closest to the detected variant (the overrides set every architecture field anyway)."""
+    if overrides["model.arch"] == "detr":
+        names = ["detr_r50.yaml"]
+    elif overrides.get("model.two_stage"):
+        names = ["deformable_detr_two_stage.yaml", "deformable_detr_refine.yaml", "deformable_detr.yaml"]
+    elif overrides.get("model.box_refine"):
+        names = ["deformable_detr_refine.yaml", "deformable_detr.yaml"]
+    else:
+        names = ["deformable_detr.yaml"]
+    for name in names + ["detr_r50.yaml"]:
+        if (CONFIGS / name).is_file():
+            return CONFIGS / name
+    raise FileNotFoundError(f"no base config found in {CONFIGS}; pass one with --config")
+
+
+def label_map_for(num_classes: int, hf_config: dict | None):
+    from detr_kit.compat import coco_label_map
+    from detr_kit.structures import LabelMap
+
+    id2label = (hf_config or {}).get("id2label")
+    if id2label and len(id2label) == num_classes:
+        names = {int(k): str(v) for k, v in id2label.items()}
+        return LabelMap(tuple(range(num_classes)), tuple(names.get(i, "N/A") for i in range(num_classes)))
+    if num_classes == 91:
+        return coco_label_map()
+    return LabelMap(tuple(range(num_classes)), tuple(f"class_{i}" for i in range(num_classes)))
+
+
+def verify(cfg, state_dict) -> None:
+    """Load the weights strictly into the model the config builds (on the meta device: no memory, no time)."""
+    import torch
+
+    from detr_kit.build import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def convert(source: str, out: str, config: str | None = None, dilation: bool | None = None, trusted: bool = False) -> Path:
+    """Convert ``source`` and write the detr_kit checkpoint ``out``; returns its path.
+
+    Raises:
+        FileNotFoundError, ValueError: unreadable source, unknown keys, or weights that do not fit the config.
+    """
+    from detr_kit.compat import (
+        checkpoint_state_dict,
+        detect_checkpoint_format,
+        detect_hf_variant,
+        detect_official_variant,
+        overrides_to_strings,
+        read_checkpoint,
+        read_hf_config,
+    )
+    from detr_kit.config import load_config
+    from detr_kit.engine.checkpoint import save_checkpoint
+
+    checkpoint = read_checkpoint(source, trusted=trusted)
+    fmt = detect_checkpoint_format(checkpoint)
+    if fmt == "detr_kit":
+        raise ValueError(f"{source} already is a detr_kit checkpoint (or has no official / Hugging Face keys)")
+    if dilation is None and "dc5" in Path(source).name.lower():
+        dilation = True
+    hf_config = read_hf_config(source) if fmt == "hf" else None
+    if fmt == "hf":
+        if dilation is not None:
+            hf_config = {**(hf_config or {}), "dilation": dilation}
+        overrides = detect_hf_variant(checkpoint, hf_config)
+    else:
+        overrides = detect_official_variant(checkpoint, dilation=dilation)
+    _, state_dict = checkpoint_state_dict(checkpoint)
+    cfg = load_config(config or default_config(overrides), overrides_to_strings(overrides))
+    verify(cfg, state_dict)
+    label_map = label_map_for(int(overrides["model.num_classes"]), hf_config)
+    state = {
+        "model": {k: v.contiguous() for k, v in state_dict.items()},
+        "config": cfg.to_dict(),
+        "label_map": label_map.to_dict(),
+        "id2label": label_map.id2label,
+        "epoch": 0,
+        "step": 0,
+    }
+    return save_checkpoint(out, state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        path = convert(args.source, args.out, args.config, args.dilation, args.trusted)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"convert: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
