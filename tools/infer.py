@@ -1,0 +1,166 @@
+"""Detect objects in images with a trained checkpoint; write annotated images and a COCO-results json.
+
+    python tools/infer.py --checkpoint runs/x/best.pth photos/ extra/*.jpg --out predictions/
+
+Inputs are files, folders (their images, not recursive) or glob patterns. For every readable input an
+annotated copy is written to --out, and all detections go to --out/detections.json in COCO results format
+(xywh boxes in original pixels, original category ids, plus a ``file_name`` field). ``image_id`` is the file
+name's stem when it is a number (COCO's 000000000009.jpg -> 9), else a running index above the numeric ones.
+
+Unreadable inputs are reported by name and skipped; the exit code is 0 with a warning count unless nothing
+could be processed (exit 1). Existing outputs are never overwritten without --overwrite (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a detr_kit checkpoint (.pth)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="minimum score kept (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold {args.threshold} is invalid; allowed: a score in [0, 1]")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size} is invalid; allowed: an integer >= 1")
+    return args
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files from files, folders and globs, in order and without repeats; plus warnings for empty inputs."""
+    files: list[Path] = []
+    warnings: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                warnings.append(f"folder {item!r} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif glob.has_magic(item):
+            found = sorted(Path(p) for p in glob.glob(item) if Path(p).is_file())
+            if not found:
+                warnings.append(f"pattern {item!r} matches no file")
+            files.extend(found)
+        else:
+            warnings.append(f"input {item!r} does not exist")
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique, warnings
+
+
+def output_names(files: list[Path]) -> list[str]:
+    """One annotated-image file name per input: ``<stem>.jpg``, with ``_<n>`` added when two inputs share a stem."""
+    names: list[str] = []
+    used: set[str] = set()
+    for path in files:
+        suffix = path.suffix.lower() if path.suffix.lower() in {".jpg", ".jpeg", ".png"} else ".jpg"
+        name, n = f"{path.stem}{suffix}", 1
+        while name in used:
+            name, n = f"{path.stem}_{n}{suffix}", n + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def image_ids(files: list[Path]) -> list[int]:
+    """The file stem when it is a number (first use only), else a running index above every numeric stem."""
+    numeric = {int(p.stem) for p in files if p.stem.isdigit()}
+    next_id = max(numeric, default=0) + 1
+    ids: list[int] = []
+    used: set[int] = set()
+    for path in files:
+        if path.stem.isdigit() and int(path.stem) not in used:
+            ids.append(int(path.stem))
+        else:
+            ids.append(next_id)
+            next_id += 1
+        used.add(ids[-1])
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    files, warnings = expand_inputs(args.inputs)
+    for message in warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    if not files:
+        print("error: no input files found; nothing to do", file=sys.stderr)
+        return 1
+
+    out = Path(args.out)
+    names = output_names(files)
+    targets = [out / n for n in names] + [out / "detections.json"]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not args.overwrite:
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        print(f"error: refusing to overwrite existing output(s) {shown}; pass --overwrite or choose another --out",
+              file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    from detr_kit.inference import Detector, ImageReadError, read_image
+    from detr_kit.visualize import draw_detections
+
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold)
+    category_ids = detector.label_map.category_ids
+    out.mkdir(parents=True, exist_ok=True)
+    ids = image_ids(files)
+    results: list[dict] = []
+    processed = 0
+    pending: list[tuple[int, Path, str, object]] = []
+
+    def flush() -> None:
+        nonlocal processed
+        if not pending:
+            return
+        detections = detector.detect_arrays([item[3] for item in pending])
+        for (image_id, path, name, array), det in zip(pending, detections):
+            draw_detections(array, det).save(out / name, quality=95)
+            for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
+                x1, y1, x2, y2 = box
+                results.append({"image_id": image_id, "file_name": path.name, "category_id": int(category_ids[label]),
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+            processed += 1
+        pending.clear()
+
+    for image_id, path, name in tqdm(list(zip(ids, files, names)), desc="infer", unit="img", file=sys.stderr):
+        try:
+            array = read_image(path)
+        except ImageReadError as err:
+            warnings.append(str(err))
+            tqdm.write(f"warning: skipping {str(path)!r}: {err}", file=sys.stderr)
+            continue
+        pending.append((image_id, path, name, array))
+        if len(pending) == args.batch_size:
+            flush()
+    flush()
+
+    tmp = out / f".detections.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(results))
+    tmp.replace(out / "detections.json")
+    print(f"{processed} image(s) processed, {len(results)} detection(s) written to {out}; {len(warnings)} warning(s)")
+    if processed == 0:
+        print("error: no input could be processed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
