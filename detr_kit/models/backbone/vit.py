@@ -1,0 +1,633 @@
+"""A plain Vision Transformer as a detection backbone, with ViTDet's simple feature pyramid.
+
+The trunk follows ViT (Dosovitskiy et al. 2021) as torchvision and timm write it: a patch-embedding
+convolution, a [CLS] token, learned absolute position embeddings, pre-norm blocks (LayerNorm eps 1e-6,
+multi-head self-attention, GELU MLP) and a final LayerNorm. Module names are timm's (``patch_embed.proj``,
+``pos_embed``, ``cls_token``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``) so
+timm/DeiT checkpoints load by name, torchvision checkpoints through ``convert_vit_state_dict``, and the
+trainer's layer-wise lr decay finds ``backbone.blocks.{i}.``. The patch embedding is a Conv2d with kernel
+= stride = patch size: the same linear map as ``rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)")``
+followed by a Linear, but with the checkpoints' own weight layout, so loading needs no reshuffling.
+
+Detection additions (Li et al. 2022, "Exploring Plain Vision Transformer Backbones for Object Detection"):
+windowed attention with a few global blocks for large inputs, and a simple feature pyramid built from the
+last stride-16 map (stride 8 by a 2x2 transposed convolution, 16 as is, 32 and 64 by max pooling), each
+level followed by 1x1 and 3x3 convolutions with channel LayerNorms.
+
+Padding never changes an image's features. Every step is either per position (patch embedding, MLP,
+LayerNorm, the pyramid's 1x1 convolutions), or sees only valid positions: attention masks padded keys (in
+windows too), the position table is resized to each image's own patch grid, pooling ignores padded cells,
+and padded cells are zeroed before the 3x3 convolutions. Level ``s`` of an ``H x W`` input has
+``ceil(H / s) x ceil(W / s)`` cells, and a cell is valid when it covers a valid pixel (for strides that
+divide the padded size this is the nearest-neighbour resize of the image mask that the ResNet uses).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torchvision.ops import stochastic_depth
+
+from detr_kit.models.backbone.resnet import LoadReport, read_state_dict
+from detr_kit.structures import FeatureMap
+
+logger = logging.getLogger(__name__)
+
+VIT_SIZES: dict[str, tuple[int, int, int]] = {  # size -> (embed_dim, depth, num_heads)
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+}
+MLP_RATIO = 4
+LAYER_NORM_EPS = 1e-6  # torchvision and timm ViTs
+_HEAD_PREFIXES = ("head.", "heads.", "head_dist.", "fc_norm.", "pre_logits.")  # classification heads, never loaded
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Position embeddings
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resize_position_embedding(table: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
+    """Resize a table of patch position embeddings to another patch grid by bicubic interpolation.
+
+    Args:
+        table: [src_h * src_w, C] or [1, src_h * src_w, C], row-major over the grid, without [CLS] entries.
+        src_grid: (src_h, src_w), the grid the table was learned at.
+        dst_grid: (dst_h, dst_w), the grid wanted.
+
+    Returns:
+        [dst_h * dst_w, C]; the table itself when the grids are equal. Interpolation is bicubic with
+        ``align_corners=False`` and no antialiasing (as timm and torchvision resize ViT position embeddings),
+        computed in float32 at least (float64 stays float64).
+
+    Raises:
+        ValueError: the table's length is not src_h * src_w.
+    """
+    table = table.reshape(-1, table.shape[-1])  # [N, C]
+    src_h, src_w = src_grid
+    if table.shape[0] != src_h * src_w:
+        raise ValueError(f"position table has {table.shape[0]} entries, not {src_h}x{src_w} = {src_h * src_w}")
+    if tuple(dst_grid) == (src_h, src_w):
+        return table
+    grid = rearrange(table, "(h w) c -> 1 c h w", h=src_h, w=src_w)  # [1, C, src_h, src_w]
+    grid = grid.to(torch.promote_types(grid.dtype, torch.float32))  # no bicubic in half precision
+    grid = F.interpolate(grid, size=tuple(dst_grid), mode="bicubic", align_corners=False)  # [1, C, dst_h, dst_w]
+    return rearrange(grid, "1 c h w -> (h w) c").to(table.dtype)  # [dst_h * dst_w, C]
+
+
+def _split_prefix(pos_embed: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Split a checkpoint's [1, N, C] table into its prefix-token entries ([CLS], distillation) and a square grid.
+
+    Returns:
+        (prefix [1, N - G*G, C], patches [1, G*G, C], G).
+    """
+    num = pos_embed.shape[1]
+    side = math.isqrt(num)
+    return pos_embed[:, : num - side * side], pos_embed[:, num - side * side :], side
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transformer blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Cut images into non-overlapping patches and project each to ``embed_dim`` (timm's ``patch_embed``).
+
+    Args:
+        patch_size: side of a square patch in pixels.
+        embed_dim: C, the token width.
+    """
+
+    def __init__(self, patch_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: Tensor) -> Tensor:  # [B, 3, H, W], H and W multiples of the patch size
+        return rearrange(self.proj(images), "b c h w -> b h w c")  # [B, H/p, W/p, C]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and a key-padding mask.
+
+    Args:
+        embed_dim: C.
+        num_heads: M; C must be a multiple of M.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        """Attend over the tokens of each sequence.
+
+        Args:
+            x: [B, N, C] tokens.
+            key_valid: [B, N] bool, False for tokens that must not be attended to; None = all valid.
+
+        Returns:
+            [B, N, C].
+        """
+        q, k, v = rearrange(self.qkv(x), "b n (three m d) -> three b m n d", three=3, m=self.num_heads)
+        attn_mask = None
+        if key_valid is not None:
+            # A sequence without any valid key (a window of padding) attends to all of its tokens, so its
+            # softmax stays finite; those queries are padding themselves and never reach a valid token.
+            key_valid = key_valid | ~key_valid.any(dim=1, keepdim=True)  # [B, N]
+            attn_mask = key_valid[:, None, None, :]  # [B, 1, 1, N]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, M, N, C / M]
+        return self.proj(rearrange(x, "b m n d -> b n (m d)"))  # [B, N, C]
+
+
+class FeedForward(nn.Module):
+    """The block's MLP: Linear, GELU, Linear (timm names ``fc1``/``fc2``)."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., C] -> [..., C]
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block, optionally attending within non-overlapping windows (ViTDet).
+
+    Args:
+        embed_dim: C.
+        num_heads: M.
+        drop_path: probability of skipping the block's residual branches for a sample (stochastic depth).
+        window_size: 0 for global attention, else the side of the square attention windows in patches.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, drop_path: float, window_size: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(embed_dim, num_heads)
+        self.norm2 = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.mlp = FeedForward(embed_dim, MLP_RATIO * embed_dim)
+        self.drop_path = drop_path
+        self.window_size = window_size
+
+    def forward(self, x: Tensor, grid: tuple[int, int], key_valid: Tensor | None) -> Tensor:
+        """Run the block.
+
+        Args:
+            x: [B, N, C] tokens; the last h * w are the patch grid in row-major order, any before them are
+                prefix tokens ([CLS]); windowed blocks take no prefix tokens.
+            grid: (h, w) of the patch grid.
+            key_valid: [B, N] bool, False on padding tokens; None = all valid.
+
+        Returns:
+            [B, N, C].
+        """
+        shortcut = x
+        x = self.norm1(x)
+        x = self._windowed_attention(x, grid, key_valid) if self.window_size else self.attn(x, key_valid)
+        x = shortcut + stochastic_depth(x, self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
+
+    def _windowed_attention(self, x: Tensor, grid: tuple[int, int], key_valid: Tensor | None) -> Tensor:
+        h, w = grid
+        size = self.window_size
+        pad_h, pad_w = (-h) % size, (-w) % size
+        batch = x.shape[0]
+        x = rearrange(x, "b (h w) c -> b h w c", h=h, w=w)
+        valid = x.new_ones(batch, h, w, dtype=torch.bool) if key_valid is None else key_valid.reshape(batch, h, w)
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # [B, h', w', C], h' and w' multiples of the window
+        valid = F.pad(valid, (0, pad_w, 0, pad_h), value=False)  # [B, h', w']
+        windows = rearrange(x, "b (nh s1) (nw s2) c -> (b nh nw) (s1 s2) c", s1=size, s2=size)  # [B * nW, s*s, C]
+        windows_valid = rearrange(valid, "b (nh s1) (nw s2) -> (b nh nw) (s1 s2)", s1=size, s2=size)
+        needs_mask = key_valid is not None or pad_h or pad_w
+        windows = self.attn(windows, windows_valid if needs_mask else None)  # [B * nW, s*s, C]
+        x = rearrange(windows, "(b nh nw) (s1 s2) c -> b (nh s1) (nw s2) c", b=batch, nh=(h + pad_h) // size, s1=size)
+        return rearrange(x[:, :h, :w], "b h w c -> b (h w) c")  # [B, h * w, C]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Simple feature pyramid
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of every position of a [B, C, H, W] map (no statistics across positions)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(num_channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, C, H, W]
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PyramidLevel(nn.Module):
+    """One level of the simple feature pyramid: resampling of the stride-p map, then 1x1 and 3x3 conv + LayerNorm.
+
+    Args:
+        embed_dim: C of the ViT tokens.
+        out_channels: channels of the level.
+        scale: the level's stride divided by the patch size: 0.5, 1, 2 or 4.
+    """
+
+    def __init__(self, embed_dim: int, out_channels: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        in_channels = embed_dim
+        self.upsample: nn.Module | None = None
+        if scale == 0.5:
+            in_channels = embed_dim // 2
+            self.upsample = nn.ConvTranspose2d(embed_dim, in_channels, kernel_size=2, stride=2)
+        self.lateral = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.lateral_norm = LayerNorm2d(out_channels)
+        self.output = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.output_norm = LayerNorm2d(out_channels)
+
+    def forward(self, x: Tensor, patch_mask: Tensor, level_mask: Tensor) -> Tensor:
+        """Build the level from the patch-token map.
+
+        Args:
+            x: [B, C, h, w] tokens of the patch grid, zero on padding.
+            patch_mask: [B, h, w] bool, True on padded patches.
+            level_mask: [B, H_l, W_l] bool, True on padded cells of this level.
+
+        Returns:
+            [B, out_channels, H_l, W_l], zero on padded cells.
+        """
+        height, width = level_mask.shape[-2:]
+        if self.upsample is not None:
+            x = self.upsample(x)[..., :height, :width]  # [B, C / 2, H_l, W_l]; each cell sees one patch only
+        elif self.scale > 1:
+            kernel = int(self.scale)
+            x = x.masked_fill(patch_mask[:, None], torch.finfo(x.dtype).min)  # padding never wins the max
+            x = F.max_pool2d(x, kernel, kernel, ceil_mode=True)  # [B, C, H_l, W_l]
+        padding = level_mask[:, None]  # [B, 1, H_l, W_l]
+        x = x.masked_fill(padding, 0.0)  # all-padding cells hold the dtype's minimum: never let it into a conv
+        x = self.lateral_norm(self.lateral(x)).masked_fill(padding, 0.0)  # [B, out, H_l, W_l]
+        return self.output_norm(self.output(x)).masked_fill(padding, 0.0)  # [B, out, H_l, W_l]
+
+
+def padding_mask_at_stride(mask: Tensor, stride: int) -> Tensor:
+    """Padding mask of a map with stride ``stride``: a cell is padding when none of its pixels is valid.
+
+    Args:
+        mask: [B, H, W] bool, True on padding.
+        stride: cell side in pixels.
+
+    Returns:
+        [B, ceil(H / stride), ceil(W / stride)] bool, True on padding.
+    """
+    valid = (~mask)[:, None].float()  # [B, 1, H, W]
+    return F.max_pool2d(valid, stride, stride, ceil_mode=True)[:, 0] == 0  # [B, H / s, W / s]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The backbone
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ViTBackbone(nn.Module):
+    """A plain ViT returning a simple feature pyramid with padding masks.
+
+    Args:
+        size: "tiny" (C 192, 3 heads), "small" (C 384, 6 heads) or "base" (C 768, 12 heads); 12 blocks each.
+        return_strides: strides to return, any selection of (p/2, p, 2p, 4p) for patch size p, i.e. of
+            (8, 16, 32, 64); levels come back in ascending stride order.
+        patch_size: p, the patch side in pixels (even when stride p/2 is returned).
+        drop_path: stochastic-depth rate of the last block; block i uses drop_path * i / (depth - 1).
+        window_size: 0 = global attention in every block; > 0 = attention within windows of this many patches
+            in every block not listed in ``global_blocks`` (ViTDet; the grid is padded to a multiple of it).
+        global_blocks: indices of the blocks that keep global attention when ``window_size > 0``.
+        use_cls_token: run a [CLS] token through the blocks (as in pretraining). Needs ``window_size == 0``.
+        pretrain_image_size: the image side the position table is learned for; the table has
+            (pretrain_image_size / p)^2 entries and is resized by bicubic interpolation to each image's grid.
+        weights: None (random initialisation) or a local file with a torchvision ``vit_*`` or a timm/DeiT
+            state dict (optionally under 'model' or 'state_dict'; ``.safetensors`` too). The classification head
+            is ignored, the position table is interpolated when its grid differs.
+        out_channels: channels of every pyramid level.
+        depth: number of blocks; None = 12 (the standard sizes). Fewer blocks make small test models.
+
+    Attributes:
+        channels: output channels per returned level.
+        strides: output stride per returned level.
+        load_report: LoadReport of ``weights`` (trunk keys only: the pyramid is always new), or None.
+
+    Raises:
+        ValueError: an unknown size, strides outside (p/2, p, 2p, 4p), bad window/global-block settings, a
+            pretrain size not divisible by p, or weights whose tensors do not fit this model.
+        FileNotFoundError: ``weights`` names no file.
+    """
+
+    def __init__(
+        self,
+        size: str,
+        return_strides: tuple[int, ...] = (16,),
+        patch_size: int = 16,
+        drop_path: float = 0.1,
+        window_size: int = 0,
+        global_blocks: tuple[int, ...] = (),
+        use_cls_token: bool = True,
+        pretrain_image_size: int = 224,
+        weights: str | None = None,
+        out_channels: int = 256,
+        depth: int | None = None,
+    ) -> None:
+        super().__init__()
+        if size not in VIT_SIZES:
+            raise ValueError(f"unknown ViT size {size!r}; choose one of {', '.join(VIT_SIZES)}")
+        embed_dim, default_depth, num_heads = VIT_SIZES[size]
+        depth = default_depth if depth is None else depth
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1 (or None for {default_depth}), got {depth}")
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        offered = {patch_size // 2: 0.5, patch_size: 1.0, 2 * patch_size: 2.0, 4 * patch_size: 4.0}
+        if patch_size % 2:
+            del offered[patch_size // 2]
+        strides = tuple(return_strides)
+        if not strides or len(set(strides)) != len(strides) or not set(strides) <= set(offered):
+            raise ValueError(
+                f"return_strides must be a non-empty selection without repeats of {tuple(sorted(offered))} "
+                f"(patch_size={patch_size}), got {tuple(return_strides)}"
+            )
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        if window_size < 0:
+            raise ValueError(f"window_size must be 0 (global attention) or a number of patches > 0, got {window_size}")
+        if any(not 0 <= b < depth for b in global_blocks):
+            raise ValueError(f"global_blocks must be block indices in 0..{depth - 1}, got {tuple(global_blocks)}")
+        if window_size and use_cls_token:
+            raise ValueError(
+                "use_cls_token=True needs window_size=0: a [CLS] token belongs to no window; set "
+                "use_cls_token=False for windowed attention (ViTDet drops [CLS] and keeps its position entry out)"
+            )
+        if pretrain_image_size % patch_size:
+            raise ValueError(f"pretrain_image_size={pretrain_image_size} must be a multiple of patch_size={patch_size}")
+        if out_channels < 1:
+            raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.patch_size = patch_size
+        self.pretrain_grid = pretrain_image_size // patch_size
+        self.use_cls_token = use_cls_token
+        self.window_size = window_size
+        self.global_blocks = tuple(global_blocks)
+        self.strides = tuple(sorted(return_strides))
+        self.channels = (out_channels,) * len(self.strides)
+
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        num_prefix = 1 if use_cls_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_cls_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix + self.pretrain_grid**2, embed_dim))
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, rates[i], 0 if i in self.global_blocks else window_size) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.pyramid = nn.ModuleList(PyramidLevel(embed_dim, out_channels, offered[s]) for s in self.strides)
+        self._init_weights()
+
+        self.load_report: LoadReport | None = None
+        if weights is not None:
+            self.load_report = self.load_weights(weights)
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------------------------------------- weights
+
+    def load_weights(self, source: str | Path | Mapping[str, Tensor]) -> LoadReport:
+        """Load a torchvision or timm/DeiT ViT state dict into the trunk (the pyramid keeps its initialisation).
+
+        Args:
+            source: a file path (``.pth``/``.pt``/``.bin`` via torch.load, or ``.safetensors``) or a state dict.
+
+        Returns:
+            LoadReport of trunk keys: missing (kept at initialisation), unexpected (ignored) and mismatched
+            (always empty: a mismatch raises). Missing or unexpected keys are also logged as a warning.
+
+        Raises:
+            FileNotFoundError: the path does not exist.
+            ValueError: a tensor's shape does not fit this model, or nothing in the state dict fits it.
+        """
+        if isinstance(source, (str, Path)) and not Path(source).is_file():
+            raise FileNotFoundError(
+                f"ViT weights {str(source)!r} is not a file; ViT backbones load local torchvision or timm/DeiT "
+                "state dict files only (weight names such as IMAGENET1K_V1 are not downloaded)"
+            )
+        if isinstance(source, (str, Path)) and str(source).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state_dict = load_file(str(source))
+        else:
+            state_dict = read_state_dict(source)
+        state_dict = convert_vit_state_dict(state_dict)
+        if "pos_embed" in state_dict:
+            state_dict["pos_embed"] = self._fit_position_table(state_dict["pos_embed"])
+        if self.cls_token is None:
+            state_dict.pop("cls_token", None)
+
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("pyramid.")}
+        usable: dict[str, Tensor] = {}
+        unexpected, mismatched = [], []
+        for key, value in state_dict.items():
+            if key not in own:
+                unexpected.append(key)
+            elif own[key].shape != value.shape:
+                mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+            else:
+                usable[key] = value
+        name = source if isinstance(source, (str, Path)) else "the state dict"
+        if mismatched or not usable:
+            raise ValueError(
+                f"ViT weights from {name} do not fit a ViT with C={self.embed_dim}, {self.depth} blocks, "
+                f"patch {self.patch_size}: shape mismatches {mismatched[:6]}"
+                f"{'' if usable else f'; no key fits (first keys: {list(state_dict)[:6]})'}"
+            )
+        self.load_state_dict(usable, strict=False)
+        missing = [key for key in own if key not in usable]
+        if missing or unexpected:
+            logger.warning("ViT weights from %s: missing keys %s, unexpected keys %s", name, missing, unexpected)
+        return LoadReport(missing, unexpected, [])
+
+    def _fit_position_table(self, pos_embed: Tensor) -> Tensor:
+        """A checkpoint's position table [1, N, C] -> this model's: prefix entries fitted, grid interpolated."""
+        prefix, patches, side = _split_prefix(pos_embed.reshape(1, -1, pos_embed.shape[-1]))
+        patches = resize_position_embedding(patches, (side, side), (self.pretrain_grid, self.pretrain_grid))[None]
+        if self.cls_token is None:
+            return patches  # [1, G*G, C]
+        if prefix.shape[1] == 0:  # a table without a [CLS] entry: keep ours
+            prefix = self.pos_embed.detach()[:, :1].to(patches.dtype)
+        return torch.cat((prefix[:, :1], patches), dim=1)  # [1, 1 + G*G, C]
+
+    # ---------------------------------------------------------------------------------------------- forward
+
+    def encode(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Run the ViT trunk: patch tokens after the final LayerNorm, without [CLS].
+
+        Args:
+            images: [B, 3, H, W] float, normalised; H and W need not be multiples of the patch size (the
+                images are zero-padded at the bottom/right to the next multiple).
+            mask: [B, H, W] bool, True on padding; None means no padding. Valid regions sit at the top-left.
+
+        Returns:
+            tokens [B, h, w, C] with h = ceil(H / p), w = ceil(W / p), and the patch padding mask [B, h, w]
+            (True where a patch covers no valid pixel).
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        batch, _, height, width = images.shape
+        if mask is not None:
+            if mask.shape != (batch, height, width) or mask.dtype != torch.bool:
+                expected = [batch, height, width]
+                raise ValueError(f"mask must be bool [B, H, W] = {expected}, got {mask.dtype} {list(mask.shape)}")
+            images = images.masked_fill(mask[:, None], 0.0)  # partly valid patches see zeros, batched or alone
+        p = self.patch_size
+        images = F.pad(images, (0, (-width) % p, 0, (-height) % p))  # [B, 3, p*h, p*w]
+        x = self.patch_embed(images)  # [B, h, w, C]
+        h, w = x.shape[1:3]
+        if mask is None:
+            patch_mask = torch.zeros(batch, h, w, dtype=torch.bool, device=images.device)
+            grids = [(h, w)] * batch
+        else:
+            patch_mask = padding_mask_at_stride(mask, p)  # [B, h, w]
+            patch_valid = ~patch_mask
+            rows = patch_valid.any(dim=2).sum(dim=1).tolist()
+            cols = patch_valid.any(dim=1).sum(dim=1).tolist()
+            grids = list(zip(rows, cols))
+        x = x + self._position_embedding(grids, h, w).to(x.dtype)  # [B, h, w, C]
+        tokens = rearrange(x, "b h w c -> b (h w) c")  # [B, h*w, C]
+        key_valid = None if all(g == (h, w) for g in grids) else ~patch_mask.flatten(1)  # [B, h*w]
+        if self.cls_token is not None:
+            cls = self.cls_token + self.pos_embed[:, :1]  # [1, 1, C]
+            tokens = torch.cat((cls.expand(batch, -1, -1).to(tokens.dtype), tokens), dim=1)  # [B, 1 + h*w, C]
+            if key_valid is not None:
+                key_valid = F.pad(key_valid, (1, 0), value=True)  # [B, 1 + h*w]
+        for block in self.blocks:
+            tokens = block(tokens, (h, w), key_valid)
+        tokens = self.norm(tokens)
+        tokens = tokens[:, 1:] if self.cls_token is not None else tokens  # [B, h*w, C]
+        return rearrange(tokens, "b (h w) c -> b h w c", h=h, w=w), patch_mask
+
+    def _position_embedding(self, grids: list[tuple[int, int]], h: int, w: int) -> Tensor:
+        """The position table resized to each image's valid patch grid and zero-padded to (h, w): [B, h, w, C]."""
+        table = self.pos_embed[0, 1:] if self.cls_token is not None else self.pos_embed[0]  # [G*G, C]
+        source = (self.pretrain_grid, self.pretrain_grid)
+        if all(g == (h, w) for g in grids):
+            resized = resize_position_embedding(table, source, (h, w))  # [h*w, C]
+            return rearrange(resized, "(h w) c -> 1 h w c", h=h, w=w).expand(len(grids), -1, -1, -1)
+        out = table.new_zeros(len(grids), h, w, table.shape[-1])  # [B, h, w, C]
+        resized_by_grid: dict[tuple[int, int], Tensor] = {}
+        for index, (gh, gw) in enumerate(grids):
+            if gh == 0 or gw == 0:
+                continue  # an image without valid pixels: every token is padding
+            if (gh, gw) not in resized_by_grid:
+                resized_by_grid[(gh, gw)] = resize_position_embedding(table, source, (gh, gw)).reshape(gh, gw, -1)
+            out[index, :gh, :gw] = resized_by_grid[(gh, gw)]
+        return out
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> list[FeatureMap]:
+        """Run the ViT and its simple feature pyramid.
+
+        Args:
+            images: [B, 3, H, W] float, normalised; any H, W.
+            mask: [B, H, W] bool, True on padding; None means no padding.
+
+        Returns:
+            One FeatureMap per stride s in ``strides``: features [B, out_channels, ceil(H/s), ceil(W/s)], zero on
+            padding, and mask [B, ceil(H/s), ceil(W/s)], True on cells that cover no valid pixel.
+        """
+        tokens, patch_mask = self.encode(images, mask)  # [B, h, w, C], [B, h, w]
+        x = rearrange(tokens, "b h w c -> b c h w").masked_fill(patch_mask[:, None], 0.0)  # [B, C, h, w]
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        outputs: list[FeatureMap] = []
+        for stride, level in zip(self.strides, self.pyramid):
+            level_mask = patch_mask if stride == self.patch_size else padding_mask_at_stride(mask, stride)
+            outputs.append(FeatureMap(level(x, patch_mask, level_mask), level_mask))
+        return outputs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoint conversion
+# --------------------------------------------------------------------------------------------------------------
+
+_TORCHVISION_BLOCK_NAMES = {
+    "ln_1": "norm1",
+    "self_attention.in_proj_weight": "attn.qkv.weight",
+    "self_attention.in_proj_bias": "attn.qkv.bias",
+    "self_attention.out_proj": "attn.proj",
+    "ln_2": "norm2",
+    "mlp.0": "mlp.fc1",
+    "mlp.3": "mlp.fc2",
+    # torchvision < 0.13 named the MLP layers linear_1/linear_2
+    "mlp.linear_1": "mlp.fc1",
+    "mlp.linear_2": "mlp.fc2",
+}
+
+
+def convert_vit_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a torchvision or timm/DeiT ViT state dict to ViTBackbone's (timm's) names, dropping the head.
+
+    torchvision: ``class_token``, ``conv_proj``, ``encoder.pos_embedding``,
+    ``encoder.layers.encoder_layer_{i}.{ln_1, self_attention.{in_proj_*, out_proj}, ln_2, mlp.{0,3}}``,
+    ``encoder.ln``. timm/DeiT: ``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+    ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm`` (kept as they are). A
+    ``module.`` prefix (DDP) is removed. Keys of neither layout pass through unchanged.
+
+    Args:
+        state_dict: key -> tensor.
+
+    Returns:
+        A new dict in ViTBackbone's names, without classification-head keys; tensors are not copied.
+    """
+    converted: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.startswith(_HEAD_PREFIXES):
+            continue
+        if key == "class_token":
+            key = "cls_token"
+        elif key.startswith("conv_proj."):
+            key = "patch_embed.proj." + key.removeprefix("conv_proj.")
+        elif key == "encoder.pos_embedding":
+            key = "pos_embed"
+        elif key.startswith("encoder.ln."):
+            key = "norm." + key.removeprefix("encoder.ln.")
+        elif key.startswith("encoder.layers.encoder_layer_"):
+            index, rest = key.removeprefix("encoder.layers.encoder_layer_").split(".", 1)
+            for old, new in _TORCHVISION_BLOCK_NAMES.items():
+                if rest == old or rest.startswith(old + "."):
+                    rest = new + rest[len(old) :]
+                    break
+            key = f"blocks.{index}.{rest}"
+        converted[key] = value
+    return converted
+
+
+__all__ = [
+    "VIT_SIZES",
+    "ViTBackbone",
+    "convert_vit_state_dict",
+    "padding_mask_at_stride",
+    "resize_position_embedding",
+]
