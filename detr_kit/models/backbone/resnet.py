@@ -1,0 +1,294 @@
+"""torchvision ResNets as multi-level detection backbones, with DETR's frozen batch norm.
+
+The torchvision module names are kept (``body.conv1``, ``body.bn1``, ``body.layer1`` .. ``body.layer4``) so that
+torchvision, DETR and Deformable-DETR checkpoints map onto them with a plain key prefix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from detr_kit.structures import FeatureMap
+
+_STAGES = ("layer2", "layer3", "layer4")  # C3, C4, C5
+_CHANNELS = {  # output channels of (layer2, layer3, layer4)
+    "resnet18": (128, 256, 512),
+    "resnet34": (128, 256, 512),
+    "resnet50": (512, 1024, 2048),
+    "resnet101": (512, 1024, 2048),
+}
+_NORMS = ("frozen_bn", "bn", "gn")
+_GN_GROUPS = 32
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d whose statistics and affine parameters are fixed buffers (DETR's FrozenBatchNorm2d).
+
+    Loads BatchNorm2d state dicts (``num_batches_tracked`` is ignored). The buffers are not parameters, so
+    they are not counted as trainable and no optimizer touches them.
+
+    Args:
+        num_features: channels C.
+        eps: added to the variance, 1e-5 as in DETR and torch's BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: ANN001
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, C, H, W]
+        scale = self.weight * (self.running_var + self.eps).rsqrt()  # [C]
+        shift = self.bias - self.running_mean * scale  # [C]
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class LoadReport(NamedTuple):
+    """What loading a state dict into a backbone body left out: key names, shape mismatches as text."""
+
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+
+def _group_norm(num_channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(_GN_GROUPS, num_channels)
+
+
+def read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, Tensor]:
+    """Read a torchvision ResNet state dict from a file or mapping.
+
+    Args:
+        source: a path to a ``.pth`` file, or a mapping; either may be the state dict itself or a dict holding it
+            under ``'model'`` or ``'state_dict'``.
+
+    Returns:
+        The state dict (key -> tensor).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        TypeError: the content is not a state dict.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone weights file not found: {path}")
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(source, Mapping):
+        raise TypeError(f"backbone weights must be a state dict (a mapping), got {type(source).__name__}")
+    for key in ("model", "state_dict"):
+        if key in source and isinstance(source[key], Mapping):
+            source = source[key]
+            break
+    return {k: v for k, v in source.items() if isinstance(v, Tensor)}
+
+
+def load_resnet_state_dict(body: nn.Module, state_dict: Mapping[str, Tensor]) -> LoadReport:
+    """Copy a torchvision ResNet state dict into ``body``, ignoring ``fc.*`` and ``num_batches_tracked``.
+
+    Keys of stages that ``body`` dropped (e.g. ``layer4`` when only C3 is returned) are ignored too.
+
+    Args:
+        body: the backbone's torchvision ResNet (without fc/avgpool).
+        state_dict: torchvision key names (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...).
+
+    Returns:
+        LoadReport with the keys ``body`` needs but did not get, the keys it could not use, and shape mismatches.
+    """
+    own = body.state_dict()
+    dropped = tuple(f"{name}." for name in ("layer1", "layer2", "layer3", "layer4") if not hasattr(body, name))
+    usable: dict[str, Tensor] = {}
+    unexpected, mismatched = [], []
+    for key, value in state_dict.items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked") or key.startswith(dropped):
+            continue
+        if key not in own:
+            unexpected.append(key)
+        elif own[key].shape != value.shape:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        else:
+            usable[key] = value
+    missing = [key for key in own if key not in usable and not key.endswith("num_batches_tracked")]
+    missing = [key for key in missing if not any(m.startswith(key + ":") for m in mismatched)]
+    body.load_state_dict(usable, strict=False)
+    return LoadReport(missing, unexpected, mismatched)
+
+
+def _torchvision_state_dict(name: str, weights: str) -> dict[str, Tensor]:
+    """Download (or read from torch's cache) the torchvision weights ``weights`` of ``name``."""
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        member = enum[weights]
+    except KeyError:
+        valid = ["DEFAULT", *enum.__members__]
+        raise ValueError(
+            f"weights={weights!r} is neither an existing file nor a torchvision weights name of {name}; "
+            f"valid names: {', '.join(dict.fromkeys(valid))}"
+        ) from None
+    return member.get_state_dict(progress=True)
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet returning C3/C4/C5 feature maps with their padding masks.
+
+    Args:
+        name: resnet18 | resnet34 | resnet50 | resnet101.
+        return_strides: output strides to return, ascending, from (8, 16, 32) for C3, C4, C5. With
+            ``dilation=True`` C5 has stride 16, so the strides on offer are C3 8, C4 16, C5 16: a stride listed
+            once takes the deepest stage with that stride (``(16,)`` is DC5's C5), ``(8, 16, 16)`` is C3, C4, C5.
+        dilation: dilate layer4 instead of striding it (DETR-DC5); resnet50/101 only.
+        trainable_stages: how many of (layer4, layer3, layer2, layer1, stem) train, 0..5. DETR trains 3 (layer2-4),
+            freezing the stem and layer1. Frozen stages get ``requires_grad_(False)`` and their norm layers stay
+            in eval mode, so batch norm statistics of a frozen stage never change.
+        norm: "frozen_bn" (DETR; right for pretrained weights), "bn" (BatchNorm2d) or "gn" (GroupNorm, 32 groups).
+        weights: None (random init), a torchvision weights name such as "IMAGENET1K_V1"/"DEFAULT" (downloads on
+            first use), or a local file with a torchvision ResNet state dict (optionally under 'model' or
+            'state_dict').
+        channels_last: run the body in channels-last memory format (faster on GPUs with AMP).
+
+    Attributes:
+        channels: output channels per returned level, in return order.
+        strides: output stride per returned level, in return order.
+        load_report: the LoadReport of the weights, or None without weights.
+
+    Raises:
+        ValueError: an unknown name/norm, bad strides or trainable_stages, or weights that do not fit the model.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        return_strides: tuple[int, ...] = (32,),
+        dilation: bool = False,
+        trainable_stages: int = 3,
+        norm: str = "frozen_bn",
+        weights: str | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if name not in _CHANNELS:
+            raise ValueError(f"unknown ResNet {name!r}; choose one of {', '.join(_CHANNELS)}")
+        if norm not in _NORMS:
+            raise ValueError(f"unknown backbone norm {norm!r}; choose one of {', '.join(_NORMS)}")
+        if not 0 <= trainable_stages <= 5:
+            raise ValueError(f"trainable_stages must be in 0..5 (layer4, layer3, layer2, layer1, stem), got {trainable_stages}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation=True (DC5) needs a bottleneck ResNet (resnet50/resnet101), got {name}")
+        stage_strides = (8, 16, 16) if dilation else (8, 16, 32)
+        self.stage_indices = _select_stages(tuple(return_strides), stage_strides, dilation)
+        self.channels = tuple(_CHANNELS[name][i] for i in self.stage_indices)
+        self.strides = tuple(stage_strides[i] for i in self.stage_indices)
+        self.channels_last = channels_last
+
+        norm_layer = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": _group_norm}[norm]
+        body = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer
+        )
+        del body.fc, body.avgpool
+        for index in range(max(self.stage_indices) + 1, len(_STAGES)):
+            delattr(body, _STAGES[index])  # stages deeper than the deepest returned one would never run
+        self.body = body
+
+        self.load_report: LoadReport | None = None
+        if weights is not None:
+            if Path(weights).is_file():
+                state_dict = read_state_dict(weights)
+            elif weights.endswith((".pth", ".pt", ".bin")) or "/" in weights:
+                raise FileNotFoundError(f"backbone weights file not found: {weights}")
+            else:
+                state_dict = _torchvision_state_dict(name, weights)
+            self.load_report = load_resnet_state_dict(body, state_dict)
+            if not self.load_report.ok:
+                raise ValueError(
+                    f"backbone weights {weights!r} do not fit {name} with norm={norm!r}: "
+                    f"missing {self.load_report.missing[:8]}{' ...' if len(self.load_report.missing) > 8 else ''}, "
+                    f"unexpected {self.load_report.unexpected[:8]}{' ...' if len(self.load_report.unexpected) > 8 else ''}, "
+                    f"shape mismatches {self.load_report.mismatched[:8]}"
+                )
+
+        stages = [n for n in ("layer4", "layer3", "layer2", "layer1") if hasattr(body, n)]
+        frozen_names = ["layer4", "layer3", "layer2", "layer1", "stem"][trainable_stages:]
+        self._frozen: list[nn.Module] = []
+        for stage in frozen_names:
+            modules = [body.conv1, body.bn1] if stage == "stem" else ([getattr(body, stage)] if stage in stages else [])
+            for module in modules:
+                module.requires_grad_(False)
+                self._frozen.append(module)
+        if channels_last:
+            self.body.to(memory_format=torch.channels_last)
+
+    def train(self, mode: bool = True) -> "ResNetBackbone":
+        super().train(mode)
+        for module in self._frozen:  # frozen stages keep their statistics, as requires_grad_(False) keeps weights
+            module.eval()
+        return self
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> list[FeatureMap]:
+        """Run the ResNet and return the requested levels.
+
+        Args:
+            images: [B, 3, H, W] float, normalised.
+            mask: [B, H, W] bool, True on padding; None means no padding.
+
+        Returns:
+            One FeatureMap per returned stride: features [B, C_l, H_l, W_l], mask [B, H_l, W_l] (the image mask
+            resized with nearest-neighbour interpolation, as DETR does).
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        body = self.body
+        x = body.maxpool(body.relu(body.bn1(body.conv1(images))))  # [B, 64, H/4, W/4]
+        x = body.layer1(x)  # [B, C2, H/4, W/4]
+        outputs: list[FeatureMap] = []
+        for index, stage in enumerate(_STAGES[: max(self.stage_indices) + 1]):
+            x = getattr(body, stage)(x)  # [B, C_l, H/s, W/s]
+            if index in self.stage_indices:
+                level_mask = F.interpolate(mask[None].float(), size=x.shape[-2:])[0].bool()  # [B, H_l, W_l]
+                outputs.append(FeatureMap(x, level_mask))
+        return outputs
+
+
+def _select_stages(return_strides: tuple[int, ...], stage_strides: tuple[int, ...], dilation: bool) -> tuple[int, ...]:
+    """Map requested strides to stage indices (0 = layer2/C3, 1 = layer3/C4, 2 = layer4/C5)."""
+    allowed = sorted(set(stage_strides))
+    if not return_strides or list(return_strides) != sorted(return_strides) or any(s not in allowed for s in return_strides):
+        raise ValueError(
+            f"return_strides must be a non-empty ascending selection of {tuple(allowed)}"
+            f"{' (dilation=True: C3 8, C4 16, C5 16)' if dilation else ' (C3, C4, C5)'}, got {return_strides}"
+        )
+    indices: list[int] = []
+    for stride in allowed:
+        count = return_strides.count(stride)
+        candidates = [i for i, s in enumerate(stage_strides) if s == stride]
+        if count > len(candidates):
+            raise ValueError(f"return_strides {return_strides} lists stride {stride} more often than stages have it")
+        indices.extend(candidates[len(candidates) - count :])  # the deepest stages with that stride
+    return tuple(indices)
+
+
+__all__ = ["FrozenBatchNorm2d", "LoadReport", "ResNetBackbone", "load_resnet_state_dict", "read_state_dict"]
