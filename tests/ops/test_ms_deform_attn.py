@@ -1,0 +1,126 @@
+"""ms_deform_attn against an independent explicit bilinear sampler (float64), gradcheck, autocast and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detr_kit.ops.ms_deform_attn import ms_deform_attn
+
+
+def bilinear_reference(value, shapes, locations, weights):
+    """Plain deformable attention: explicit 4-corner bilinear interpolation with gather, zero outside the map.
+
+    value [B, S, M, Dh], shapes list of (h, w), locations [B, Q, M, L, P, 2] (x, y) in 0..1, weights [B, Q, M, L, P].
+    A location u in 0..1 maps to pixel coordinate u * size - 0.5 (pixel centres at integers, align_corners=False).
+    """
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = locations.shape
+    out = torch.zeros(batch, queries, heads, head_dim, dtype=value.dtype)
+    start = 0
+    for level, (h, w) in enumerate(shapes):
+        v = value[:, start : start + h * w]  # [B, h*w, M, Dh]
+        start += h * w
+        x = locations[:, :, :, level, :, 0] * w - 0.5  # [B, Q, M, P]
+        y = locations[:, :, :, level, :, 1] * h - 0.5
+        x0, y0 = x.floor(), y.floor()
+        for dx in (0, 1):
+            for dy in (0, 1):
+                xi, yi = x0 + dx, y0 + dy
+                corner_weight = (1 - (x - xi).abs()) * (1 - (y - yi).abs())  # [B, Q, M, P]
+                inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+                index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long()  # [B, Q, M, P]
+                for b in range(batch):
+                    for m in range(heads):
+                        rows = v[b, :, m][index[b, :, m].reshape(-1)].reshape(queries, points, head_dim)  # [Q, P, Dh]
+                        scale = (corner_weight[b, :, m] * inside[b, :, m] * weights[b, :, m, level]).unsqueeze(-1)
+                        out[b, :, m] += (rows * scale).sum(1)
+    return out.reshape(batch, queries, heads * head_dim)
+
+
+def random_inputs(shapes, batch=2, heads=3, head_dim=5, queries=7, points=3, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(h * w for h, w in shapes)
+    levels = len(shapes)
+    value = torch.randn(batch, total, heads, head_dim, generator=gen, dtype=dtype)
+    # -0.3..1.3: many samples fall (partly) outside the map.
+    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=gen, dtype=dtype) * 1.6 - 0.3
+    weights = torch.rand(batch, queries, heads, levels, points, generator=gen, dtype=dtype)
+    return value, locations, weights
+
+
+def shape_tensors(shapes):
+    spatial = torch.tensor(shapes, dtype=torch.int64)
+    areas = spatial.prod(1)
+    return spatial, torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+
+
+@pytest.mark.parametrize("shapes", [[(6, 9), (3, 5), (2, 2), (1, 3)], [(4, 4)], [(5, 3), (7, 2)]])
+def test_matches_explicit_bilinear_reference(shapes):
+    value, locations, weights = random_inputs(shapes)
+    spatial, start = shape_tensors(shapes)
+    out = ms_deform_attn(value, spatial, start, locations, weights)
+    expected = bilinear_reference(value, shapes, locations, weights)
+    assert out.shape == (2, 7, 15)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+
+
+def test_spatial_shapes_as_list_equals_tensor():
+    shapes = [(6, 9), (3, 5)]
+    value, locations, weights = random_inputs(shapes, seed=1)
+    spatial, start = shape_tensors(shapes)
+    torch.testing.assert_close(
+        ms_deform_attn(value, shapes, None, locations, weights), ms_deform_attn(value, spatial, start, locations, weights)
+    )
+
+
+def test_hand_computed_samples():
+    # One 2x2 map, values 1, 2 / 3, 4, one head with Dh = 1, one point per query.
+    value = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).view(1, 4, 1, 1)
+    locations = torch.tensor(
+        [[0.25, 0.25], [0.5, 0.5], [0.75, 0.25], [1.5, 0.5], [1.0, 0.25]], dtype=torch.float64
+    ).view(1, 5, 1, 1, 1, 2)
+    weights = torch.ones(1, 5, 1, 1, 1, dtype=torch.float64)
+    out = ms_deform_attn(value, [(2, 2)], None, locations, weights).flatten()
+    # centre of pixel (0,0) -> 1; the map's centre -> mean 2.5; centre of (x=1, y=0) -> 2; far outside -> 0;
+    # the right border at row 0: half of pixel (1, 0) and half of the zero padding -> 1.0.
+    torch.testing.assert_close(out, torch.tensor([1.0, 2.5, 2.0, 0.0, 1.0], dtype=torch.float64))
+
+
+def test_gradcheck():
+    shapes = [(3, 4), (2, 2)]
+    value, locations, weights = random_inputs(shapes, batch=2, heads=2, head_dim=2, queries=3, points=2, seed=2)
+    # Keep samples away from integer pixel coordinates, where bilinear interpolation is not differentiable.
+    locations = locations.clamp(-0.2, 1.2)
+    value.requires_grad_(True)
+    locations.requires_grad_(True)
+    weights.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn(v, shapes, None, loc, w), (value, locations, weights), eps=1e-6, atol=1e-5
+    )
+
+
+def test_autocast_bf16_samples_in_float32_and_returns_bf16():
+    shapes = [(6, 9), (3, 5)]
+    value, locations, weights = random_inputs(shapes, dtype=torch.float32, seed=3)
+    value.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ms_deform_attn(value.to(torch.bfloat16), shapes, None, locations, weights)
+    assert out.dtype == torch.bfloat16
+    expected = bilinear_reference(value.detach().double(), shapes, locations.double(), weights.double())
+    torch.testing.assert_close(out.double(), expected, atol=0.05, rtol=0.02)  # bf16 rounding of input and output
+    out.float().sum().backward()
+    assert value.grad is not None and torch.isfinite(value.grad).all()
+
+
+def test_shape_errors():
+    shapes = [(3, 4), (2, 2)]
+    value, locations, weights = random_inputs(shapes)
+    with pytest.raises(ValueError, match="sum to"):
+        ms_deform_attn(value[:, :-1], shapes, None, locations, weights)
+    with pytest.raises(ValueError, match="attention_weights"):
+        ms_deform_attn(value, shapes, None, locations, weights[..., :1])
+    with pytest.raises(ValueError, match="levels"):
+        ms_deform_attn(value, shapes[:1], None, locations, weights)
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        ms_deform_attn(value, torch.tensor([3, 4, 2, 2]), None, locations, weights)
