@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from detr_kit.config import Config, config_from_dict
-from detr_kit.data.coco import BAD_IMAGE_ERRORS, load_rgb_image
+from detr_kit.data.coco import BAD_IMAGE_ERRORS, load_rgb_image, pil_to_rgb_array
 from detr_kit.data.collate import collate
 from detr_kit.structures import Detections, LabelMap, Target
 from detr_kit.visualize import to_pil_image
@@ -51,11 +51,21 @@ def read_image(source: ImageInput) -> np.ndarray:
         if isinstance(source, (str, Path)):
             path = Path(source)
             if not path.is_file():
-                raise ImageReadError(f"cannot read image {str(path)!r}: no such file")
+                reason = "it is a folder, not an image file" if path.is_dir() else "no such file"
+                raise ImageReadError(f"cannot read image {str(path)!r}: {reason}")
             try:
                 return load_rgb_image(path)  # the dataset's reader: EXIF orientation, 16-bit, CMYK, ...
             except BAD_IMAGE_ERRORS as err:
-                raise ImageReadError(f"cannot read image {str(path)!r}: {err}") from err
+                reason = "the file is empty (0 bytes)" if path.stat().st_size == 0 else str(err)
+                raise ImageReadError(
+                    f"cannot read image {str(path)!r}: {reason}; re-encode or replace the file (corrupt or truncated?)"
+                ) from err
+        if isinstance(source, Image.Image):  # as the dataset converts it: a 16-bit image is scaled, not clipped
+            try:
+                return pil_to_rgb_array(source)  # decodes a lazily opened file now
+            except BAD_IMAGE_ERRORS as err:
+                name = getattr(source, "filename", "") or "PIL image"
+                raise ImageReadError(f"cannot read image {name!r}: {err}; re-encode or replace the file") from err
         if isinstance(source, Tensor) and source.is_floating_point() and source.numel():
             low, high = float(source.min()), float(source.max())
             if low < 0.0 or high > 1.0:

@@ -182,7 +182,7 @@ def check_dataset(image_dir: Path, annotation_file: Path, check_pixels: bool = T
             report.add("empty_image", where, "has no annotations")
         path = Path(image_dir) / str(img["file_name"])
         if not path.is_file():
-            report.add("missing_image", where, f"{path} not found")
+            report.add("missing_image", where, f"{path} is a folder, not an image file" if path.is_dir() else f"{path} not found")
             continue
         if not check_pixels:
             continue
@@ -227,7 +227,7 @@ def show_augmentations(image_dir: Path, annotation_file: Path, num: int, out_dir
 
     from detr_kit.build import build_transforms
     from detr_kit.config import ConfigError, DataConfig, load_config
-    from detr_kit.data.coco import CocoDetection
+    from detr_kit.data.coco import BadImageError, CocoDetection
     from detr_kit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, boxes_to_original, seed_transforms
 
     try:
@@ -237,11 +237,18 @@ def show_augmentations(image_dir: Path, annotation_file: Path, num: int, out_dir
     except (ConfigError, ValueError, OSError) as err:
         print(f"[ERROR] show-aug: cannot build the training dataset: {err}")
         return 1
+    if len(dataset) == 0:
+        print(f"[ERROR] show-aug: {annotation_file} lists no images; nothing to show")
+        return 1
     seed_transforms(dataset.transforms, 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
     for i in range(num):
-        image, target = dataset[i % len(dataset)]
+        try:
+            image, target = dataset[i % len(dataset)]
+        except BadImageError as err:  # every image is unreadable (each is also listed above)
+            print(f"[ERROR] show-aug: {err}")
+            return 1
         pixels = image.permute(1, 2, 0).numpy() * std + mean  # [H, W, 3] in 0..1
         canvas = Image.fromarray(np.clip(pixels * 255 + 0.5, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(canvas)

@@ -118,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     from detr_kit.inference import Detector, ImageReadError, read_image
     from detr_kit.visualize import draw_detections
 
-    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold)
+    from detr_kit.engine.checkpoint import CheckpointError
+
+    try:
+        detector = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold)
+    except (FileNotFoundError, CheckpointError, ValueError) as err:  # ValueError includes ConfigError
+        print(f"error: cannot load --checkpoint: {err}", file=sys.stderr)
+        return 1
     category_ids = detector.label_map.category_ids
     out.mkdir(parents=True, exist_ok=True)
     ids = image_ids(files)

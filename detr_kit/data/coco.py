@@ -80,6 +80,11 @@ def load_rgb_image(path: str | os.PathLike) -> np.ndarray:
     with Image.open(path) as opened:
         opened.load()  # decode now, so truncation surfaces here and not later
         image = ImageOps.exif_transpose(opened)
+    return pil_to_rgb_array(image)
+
+
+def pil_to_rgb_array(image: Image.Image) -> np.ndarray:
+    """uint8 RGB [H, W, 3] from a PIL image of any mode: 16-bit/float grayscale scaled, alpha dropped, CMYK converted."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         gray = _to_uint8(np.asarray(image))  # [H, W]
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
@@ -402,4 +407,5 @@ __all__ = [
     "find_missing_images",
     "load_coco_json",
     "load_rgb_image",
+    "pil_to_rgb_array",
 ]

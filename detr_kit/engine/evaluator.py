@@ -20,12 +20,15 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from detr_kit.engine.fast_coco import fast_coco_eval, fast_coco_stats
 from detr_kit.structures import Detections, ImageBatch, LabelMap, Target
 
 # COCOeval.stats order (pycocotools cocoeval.py, summarize()).
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 AmpMode = Literal["off", "bf16", "fp16"]
+EvalBackend = Literal["pycocotools", "fast"]
+BACKENDS = ("pycocotools", "fast")
 
 
 def _write_json_atomic(data: Any, path: Path) -> None:
@@ -47,19 +50,24 @@ class CocoEvaluator:
     Args:
         coco_gt: the ground truth of the split (``pycocotools.coco.COCO``).
         label_map: maps the model's contiguous labels back to ``coco_gt`` category ids and names.
+        backend: "pycocotools" runs COCOeval; "fast" runs ``fast_coco_eval`` (numpy, the same numbers
+            exactly, several times faster on large splits).
 
     Use: ``update`` once per batch, then ``gather`` (a no-op without torch.distributed), then
     ``summarize``. Every rank must call ``gather`` and ``summarize``; rank 0 runs COCOeval and the
     metrics are broadcast to all ranks.
     """
 
-    def __init__(self, coco_gt: COCO, label_map: LabelMap) -> None:
+    def __init__(self, coco_gt: COCO, label_map: LabelMap, backend: EvalBackend = "pycocotools") -> None:
         if not isinstance(coco_gt, COCO):
             raise TypeError(f"CocoEvaluator: coco_gt must be a pycocotools COCO, got {type(coco_gt).__name__}")
         if not isinstance(label_map, LabelMap):
             raise TypeError(f"CocoEvaluator: label_map must be a LabelMap, got {type(label_map).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"CocoEvaluator: backend={backend!r} is invalid; allowed: {', '.join(map(repr, BACKENDS))}")
         self.coco_gt = coco_gt
         self.label_map = label_map
+        self.backend = backend
         self._category_ids = np.asarray(label_map.category_ids, dtype=np.int64)
         # One (image_id, COCO results of that image) entry per image seen, in order, even without detections.
         self._entries: list[tuple[int, list[dict]]] = []
@@ -168,6 +176,8 @@ class CocoEvaluator:
 
     def _score(self, verbose: bool) -> dict[str, Any]:
         coco_dt = self._load_results()
+        if self.backend == "fast":
+            return self._score_fast(coco_dt, verbose)
         coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.imgIds = sorted(set(self.image_ids)) if self.image_ids else sorted(self.coco_gt.getImgIds())
         quiet = contextlib.redirect_stdout(io.StringIO())
@@ -180,8 +190,19 @@ class CocoEvaluator:
             with contextlib.redirect_stdout(io.StringIO()):
                 coco_eval.summarize()
         metrics: dict[str, Any] = {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats)}
-        metrics["per_class_AP"] = self._per_class_ap(coco_eval)
+        metrics["per_class_AP"] = self._per_class_ap(coco_eval.eval["precision"], coco_eval.params.catIds)
         if verbose:
+            print(self.format_per_class(metrics["per_class_AP"]))
+        return metrics
+
+    def _score_fast(self, coco_dt: COCO, verbose: bool) -> dict[str, Any]:
+        """``_score`` with the numpy backend; the printed summary has COCOeval's 12 lines."""
+        image_ids = sorted(set(self.image_ids)) if self.image_ids else None
+        result = fast_coco_eval(self.coco_gt, coco_dt, image_ids)
+        metrics: dict[str, Any] = {name: float(v) for name, v in zip(STAT_NAMES, result.stats)}
+        metrics["per_class_AP"] = self._per_class_ap(result.precision, result.cat_ids)
+        if verbose:
+            print(format_coco_summary(result.stats))
             print(self.format_per_class(metrics["per_class_AP"]))
         return metrics
 
@@ -201,12 +222,16 @@ class CocoEvaluator:
             coco_dt.createIndex()
         return coco_dt
 
-    def _per_class_ap(self, coco_eval: COCOeval) -> dict[str, float]:
-        """AP@[.5:.95], all areas, 100 detections, per category with ground truth."""
-        precision = coco_eval.eval["precision"]  # [T IoUs, R recalls, K cats, A areas, M maxDets]
+    def _per_class_ap(self, precision: np.ndarray, cat_ids: Sequence[int]) -> dict[str, float]:
+        """AP@[.5:.95], all areas, 100 detections, per category with ground truth.
+
+        Args:
+            precision: [T IoUs, R recalls, K cats, A areas, M maxDets], COCOeval's ``eval["precision"]``.
+            cat_ids: the K category ids of its third axis.
+        """
         names = {cat: name for cat, name in zip(self.label_map.category_ids, self.label_map.names)}
         per_class: dict[str, float] = {}
-        for k, cat in enumerate(coco_eval.params.catIds):
+        for k, cat in enumerate(cat_ids):
             p = precision[:, :, k, 0, -1]
             valid = p[p > -1]
             if valid.size == 0:  # no ground truth of this class among the evaluated images
@@ -226,6 +251,19 @@ class CocoEvaluator:
         for start in range(0, len(items), columns):
             rows.append(" | ".join(f"{n:<18} {a:>5}" for n, a in items[start : start + columns]))
         return "\n".join(rows)
+
+
+def format_coco_summary(stats: Sequence[float]) -> str:
+    """The 12 lines ``COCOeval.summarize`` prints for bbox stats (same layout, same rounding)."""
+    settings = [(1, None, "all", 100), (1, 0.5, "all", 100), (1, 0.75, "all", 100), (1, None, "small", 100),
+                (1, None, "medium", 100), (1, None, "large", 100), (0, None, "all", 1), (0, None, "all", 10),
+                (0, None, "all", 100), (0, None, "small", 100), (0, None, "medium", 100), (0, None, "large", 100)]
+    lines = []
+    for (ap, iou, area, max_det), value in zip(settings, stats):
+        title, kind = ("Average Precision", "(AP)") if ap else ("Average Recall", "(AR)")
+        iou_text = "0.50:0.95" if iou is None else f"{iou:0.2f}"
+        lines.append(f" {title:<18} {kind} @[ IoU={iou_text:<9} | area={area:>6s} | maxDets={max_det:>3d} ] = {value:0.3f}")
+    return "\n".join(lines)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -262,6 +300,7 @@ def evaluate(
     output_dir: str | Path | None = None,
     exact_padding: bool = True,
     verbose: bool = True,
+    backend: EvalBackend = "pycocotools",
 ) -> dict[str, Any]:
     """Run ``model`` over ``loader`` and return COCO bbox metrics (see ``CocoEvaluator.summarize``).
 
@@ -281,13 +320,14 @@ def evaluate(
         output_dir: where rank 0 writes metrics.json and detections.json; None writes nothing.
         exact_padding: the value of ``model.exact_padding`` during the run.
         verbose: print the COCO summary and the per-class table.
+        backend: "pycocotools" or "fast" (see ``CocoEvaluator``).
     """
     device = torch.device(device)
     inner = _unwrap(model)
     was_training = model.training
     had_flag = hasattr(inner, "exact_padding")
     old_flag = getattr(inner, "exact_padding", None)
-    evaluator = CocoEvaluator(coco_gt, label_map)
+    evaluator = CocoEvaluator(coco_gt, label_map, backend)
     model.eval()
     inner.exact_padding = exact_padding
     try:
@@ -318,4 +358,5 @@ def _to_float(value: Any) -> Any:
     return value
 
 
-__all__ = ["STAT_NAMES", "CocoEvaluator", "autocast_context", "evaluate"]
+__all__ = ["BACKENDS", "STAT_NAMES", "CocoEvaluator", "autocast_context", "evaluate", "fast_coco_eval", "fast_coco_stats",
+           "format_coco_summary"]
