@@ -111,7 +111,35 @@ def _build_detr(m: ModelConfig, num_classes: int) -> nn.Module:
 
 
 def _build_deformable_detr(m: ModelConfig, num_classes: int) -> nn.Module:
-    raise NotImplementedError  # filled in by the Deformable-DETR work (issue 3)
+    from detr_kit.models.deformable_detr import DeformableDETR
+    from detr_kit.models.position import SinePositionEncoding
+
+    # C3-C5 (strides 8, 16, 32) for multi-scale, C5 alone for single-scale.
+    c5_stride = 16 if m.backbone.dilation else 32  # DC5: layer4 dilated instead of strided
+    backbone = build_backbone(m.backbone, (8, 16, c5_stride) if m.num_feature_levels > 1 else (c5_stride,))
+    if m.position_embedding == "sine":  # Deformable-DETR's sine encoding measures from pixel centres (offset -0.5)
+        position = SinePositionEncoding(m.hidden_dim // 2, temperature=10000.0, normalize=True, scale=2 * math.pi, offset=-0.5)
+    else:
+        position = build_position_encoding(m)
+    return DeformableDETR(
+        backbone,
+        position,
+        num_classes=num_classes,
+        num_queries=m.num_proposals if m.two_stage else m.num_queries,
+        hidden_dim=m.hidden_dim,
+        num_heads=m.num_heads,
+        num_encoder_layers=m.num_encoder_layers,
+        num_decoder_layers=m.num_decoder_layers,
+        dim_feedforward=m.dim_feedforward,
+        dropout=m.dropout,
+        num_feature_levels=m.num_feature_levels,
+        enc_points=m.enc_points,
+        dec_points=m.dec_points,
+        aux_loss=m.aux_loss,
+        box_refine=m.box_refine,
+        two_stage=m.two_stage,
+        exact_padding=m.exact_padding,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -154,3 +182,314 @@ def build_postprocessor(cfg: Config | ModelConfig) -> nn.Module:
     if isinstance(cfg, Config):
         return PostProcess(focal=cfg.model.uses_focal, top_k=cfg.eval.top_k, score_threshold=cfg.eval.score_threshold)
     return PostProcess(focal=cfg.uses_focal)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+from detr_kit.config import TrainConfig  # noqa: E402  (the optimizer section reads only this part)
+
+_NO_DECAY_PARAM_NAMES = ("level_embed", "pos_embed", "cls_token", "mask_token")
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def _is_backbone_param(name: str) -> bool:
+    return "backbone" in name.split(".")
+
+
+def _vit_layer_scale(name: str, layer_decay: float, num_blocks: int) -> float:
+    """ViT layer-wise lr decay (BEiT / ViTDet): ``backbone.blocks.{i}.`` -> decay^(num_blocks - i),
+    the patch embedding, position embedding and class token -> decay^(num_blocks + 1), anything else 1."""
+    parts = name.split(".")
+    if "blocks" in parts:
+        index = parts.index("blocks")
+        if index + 1 < len(parts) and parts[index + 1].isdigit():
+            return layer_decay ** (num_blocks - int(parts[index + 1]))
+    if any(key in name for key in ("patch_embed", "pos_embed", "cls_token")):
+        return layer_decay ** (num_blocks + 1)
+    return 1.0
+
+
+def _no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameters that take no weight decay: biases, norm weights, embeddings and 1-d parameters."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if (
+                param.ndim <= 1
+                or param_name == "bias"
+                or isinstance(module, (nn.Embedding, *_NORM_TYPES))
+                or param_name in _NO_DECAY_PARAM_NAMES
+            ):
+                names.add(full)
+    return names
+
+
+def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> "torch.optim.AdamW":
+    """AdamW over the model's parameters, in groups by learning rate and weight decay.
+
+    - backbone parameters (a ``backbone`` component in the name) train at ``lr_backbone``; with
+      ``lr_backbone == 0`` they are frozen (``requires_grad=False``) and left out;
+    - Deformable-DETR's ``sampling_offsets`` and ``reference_points`` train at ``lr * lr_linear_proj_mult``;
+    - with ``no_weight_decay_on_norm_bias``, biases, norm weights and embeddings take no weight decay;
+    - with ``layer_decay < 1``, ViT backbone blocks ``backbone.blocks.{i}.`` take ``decay^(num_blocks - i)``
+      times the backbone lr.
+
+    Each group carries a ``name`` and its base ``lr``; the scheduler multiplies every group's lr alike.
+    """
+    import re
+
+    import torch
+
+    t = train_cfg
+    params = list(model.named_parameters())
+    if t.lr_backbone == 0:
+        for name, param in params:
+            if _is_backbone_param(name):
+                param.requires_grad_(False)
+    no_decay = _no_weight_decay_names(model) if t.no_weight_decay_on_norm_bias else set()
+    block_ids = {int(m.group(1)) for name, _ in params if (m := re.search(r"backbone\.(?:.*\.)?blocks\.(\d+)\.", name))}
+    num_blocks = max(block_ids) + 1 if block_ids else 0
+
+    groups: dict[tuple[str, float, float], dict] = {}
+    for name, param in params:
+        if not param.requires_grad:
+            continue
+        if _is_backbone_param(name):
+            kind, lr = "backbone", t.lr_backbone
+            if t.layer_decay < 1.0 and num_blocks:
+                lr *= _vit_layer_scale(name, t.layer_decay, num_blocks)
+        elif "sampling_offsets" in name or "reference_points" in name:
+            kind, lr = "linear_proj", t.lr * t.lr_linear_proj_mult
+        else:
+            kind, lr = "main", t.lr
+        decay = 0.0 if name in no_decay else t.weight_decay
+        key = (kind, lr, decay)
+        if key not in groups:
+            groups[key] = {"name": f"{kind}/lr={lr:.3g}/wd={decay:g}", "params": [], "param_names": [],
+                           "lr": lr, "weight_decay": decay}
+        groups[key]["params"].append(param)
+        groups[key]["param_names"].append(name)
+    if not groups:
+        raise ValueError("build_optimizer: the model has no trainable parameters (is train.lr_backbone=0 "
+                         "freezing everything?)")
+    return torch.optim.AdamW(list(groups.values()), lr=t.lr, weight_decay=t.weight_decay)
+
+
+class LrFactor:
+    """The per-step lr multiplier: linear warm-up, then step decay at epoch boundaries or cosine.
+
+    A callable object (not a lambda) so that ``LambdaLR.state_dict`` saves its settings with the checkpoint.
+
+    Args:
+        steps_per_epoch: optimizer steps in one epoch (after gradient accumulation).
+        epochs: total epochs (the cosine schedule reaches 0 at the end).
+        schedule: "step" or "cosine".
+        drop_epochs: epochs at which the step schedule multiplies the lr by ``drop_factor``.
+        drop_factor: the step schedule's factor.
+        warmup_steps: linear warm-up length in steps (0 = none); the factor rises from 1/warmup_steps to 1.
+    """
+
+    def __init__(self, steps_per_epoch: int, epochs: int, schedule: str = "step", drop_epochs: tuple[int, ...] = (),
+                 drop_factor: float = 0.1, warmup_steps: int = 0) -> None:
+        if steps_per_epoch < 1:
+            raise ValueError(f"LrFactor: steps_per_epoch={steps_per_epoch!r} is invalid; allowed: an integer >= 1")
+        if schedule not in ("step", "cosine"):
+            raise ValueError(f"LrFactor: schedule={schedule!r} is invalid; allowed: 'step' or 'cosine'")
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.total_steps = int(steps_per_epoch * epochs)
+        self.schedule = schedule
+        self.drop_epochs = tuple(int(e) for e in drop_epochs)
+        self.drop_factor = float(drop_factor)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        if self.schedule == "step":
+            epoch = step // self.steps_per_epoch
+            return warm * self.drop_factor ** sum(epoch >= e for e in self.drop_epochs)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, max(0, step - self.warmup_steps) / span)
+        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(optimizer: "torch.optim.Optimizer", train_cfg: TrainConfig, steps_per_epoch: int):
+    """A LambdaLR stepped once per optimizer step (see :class:`LrFactor`)."""
+    import torch
+
+    t = train_cfg
+    factor = LrFactor(steps_per_epoch, t.epochs, t.lr_schedule, t.lr_drop_epochs, t.lr_drop_factor, t.warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+from pathlib import Path  # noqa: E402  (the data section's own imports)
+
+from detr_kit.config import DataConfig  # noqa: E402
+from detr_kit.structures import LabelMap  # noqa: E402
+
+COCO_HELP = (
+    "COCO 2017 is expected as {root}/train2017, {root}/val2017 and {root}/annotations/instances_{{train,val}}2017.json. "
+    "Download http://images.cocodataset.org/zips/train2017.zip, http://images.cocodataset.org/zips/val2017.zip and "
+    "http://images.cocodataset.org/annotations/annotations_trainval2017.zip and unzip them there, or point to your copy "
+    "with data.root=/path/to/coco (and data.train_images / data.train_annotations / data.val_images / data.val_annotations "
+    "for another layout). data.dataset=synthetic needs no download: it generates a small shapes dataset on first use."
+)
+
+
+def build_transforms(data_cfg: DataConfig, train: bool):
+    """The albumentations pipeline of the config: DETR's training recipe or the evaluation resize."""
+    from detr_kit.data.transforms import build_extra_transform, eval_transforms, train_transforms
+
+    if not train:
+        return eval_transforms(data_cfg.eval_size, data_cfg.max_size)
+    extra = [build_extra_transform(t.name, t.kwargs) for t in data_cfg.extra_transforms]
+    return train_transforms(
+        data_cfg.train_scales,
+        data_cfg.max_size,
+        crop_resize_scales=data_cfg.crop_resize_scales,
+        crop_size=data_cfg.crop_size,
+        hflip=data_cfg.hflip,
+        extra=extra,
+    )
+
+
+# The COCO default file names point to the synthetic layout's (so overrides such as
+# data.val_images=train2017 select the same split for both datasets).
+_SYNTHETIC_NAMES = {
+    "train2017": "train",
+    "val2017": "val",
+    "annotations/instances_train2017.json": "annotations/instances_train.json",
+    "annotations/instances_val2017.json": "annotations/instances_val.json",
+}
+
+
+def _synthetic_root(data_cfg: DataConfig) -> Path:
+    """data.root, except that the COCO default folder is never filled with shapes (data/synthetic instead)."""
+    return Path("data/synthetic" if data_cfg.root == DataConfig().root else data_cfg.root)
+
+
+def _ensure_synthetic(data_cfg: DataConfig) -> Path:
+    """Generate the shapes dataset unless an identical one (same generator arguments) is already there."""
+    import json
+    import logging
+
+    from detr_kit.data.synthetic import generate_shapes_dataset, synthetic_params
+
+    s = data_cfg.synthetic
+    root = _synthetic_root(data_cfg)
+    wanted = synthetic_params(s.num_train, s.num_val, s.image_size, s.min_objects, s.max_objects, s.seed)
+    marker = root / "annotations" / "instances_val.json"
+    try:
+        current = json.loads(marker.read_text())["info"].get("detr_kit_synthetic") if marker.is_file() else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        current = None
+    if current == wanted:
+        return root
+    logging.getLogger(__name__).info("generating the synthetic shapes dataset in %s (%s)", root, wanted)
+    try:
+        generate_shapes_dataset(root, **wanted)
+    except OSError:
+        # Another process (e.g. another rank) renamed its finished copy into place first.
+        if not marker.is_file():
+            raise
+    return root
+
+
+def build_datasets(cfg: Config, label_map: LabelMap | None = None):
+    """(train_dataset, val_dataset) for ``cfg.data``; the val set reuses the train set's label map.
+
+    Args:
+        cfg: the full config.
+        label_map: a checkpoint's label map to keep (fine-tuning); None = from the train json.
+    Raises:
+        FileNotFoundError: the COCO folders or files are missing (the message says where they are
+            expected and how to get them).
+    """
+    from detr_kit.data.coco import CocoDetection
+
+    d = cfg.data
+    if d.dataset == "synthetic":
+        root = _ensure_synthetic(d)
+        names = (d.train_images, d.train_annotations, d.val_images, d.val_annotations)
+        paths = tuple(root / _SYNTHETIC_NAMES.get(name, name) for name in names)
+    else:
+        root = Path(d.root)
+        paths = (root / d.train_images, root / d.train_annotations, root / d.val_images, root / d.val_annotations)
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"dataset not found: missing {', '.join(missing)}. " + COCO_HELP.format(root=root))
+    train_images, train_json, val_images, val_json = paths
+    train = CocoDetection(train_images, train_json, build_transforms(d, True), True, label_map, d.on_bad_image)
+    val = CocoDetection(val_images, val_json, build_transforms(d, False), False, train.label_map, d.on_bad_image)
+    return train, val
+
+
+def _seed_worker_transforms(worker_id: int) -> None:
+    """DataLoader worker_init_fn: give each worker its own augmentation stream (forked copies repeat otherwise)."""
+    import torch
+
+    from detr_kit.data.transforms import seed_transforms
+
+    info = torch.utils.data.get_worker_info()
+    transforms = getattr(info.dataset, "transforms", None)
+    if transforms is not None and hasattr(transforms, "set_random_seed"):
+        seed_transforms(transforms, info.seed)
+
+
+def build_train_loader(
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    aspect_ratio_grouping: bool = True,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+):
+    """A shuffling training DataLoader yielding ``(ImageBatch, list[Target])``.
+
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch: the order is deterministic for
+    (seed, epoch) and differs between epochs. With ``world_size > 1`` each rank reads its own shard
+    (a DistributedSampler; the last shard is padded with repeats, as DDP needs equal step counts).
+    With ``aspect_ratio_grouping`` a batch holds only portrait or only landscape images (less padding).
+    """
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from detr_kit.data.collate import collate
+    from detr_kit.data.samplers import GroupedBatchSampler, aspect_ratio_groups
+    from detr_kit.data.transforms import seed_transforms
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    if aspect_ratio_grouping and hasattr(dataset, "aspect_ratios"):
+        groups = aspect_ratio_groups(dataset.aspect_ratios())
+    else:
+        groups = [0] * len(dataset)
+    batch_sampler = GroupedBatchSampler(sampler, groups, batch_size, drop_last=drop_last)
+    transforms = getattr(dataset, "transforms", None)
+    if num_workers == 0 and transforms is not None and hasattr(transforms, "set_random_seed"):
+        seed_transforms(transforms, seed * 1000 + rank)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        worker_init_fn=_seed_worker_transforms if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed * 1000 + rank),
+    )
+
+
+def build_val_loader(dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1):
+    """An in-order evaluation DataLoader; rank r reads images r, r + world_size, ... (each image exactly once)."""
+    from torch.utils.data import DataLoader
+
+    from detr_kit.data.collate import collate
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    indices = list(range(rank, len(dataset), world_size))
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=collate)
