@@ -1,0 +1,1 @@
+"""Benchmarks of detr_kit against its peers; see bench/__main__.py."""
