@@ -223,8 +223,8 @@ class SetCriterion(nn.Module):
             loss, not an exception.
 
         Raises:
-            ValueError: if the logits do not have K+1 (softmax) or K (focal) classes, or the number of
-                targets differs from the batch size.
+            ValueError: if any layer's logits do not have K+1 (softmax) or K (focal) classes, or the number
+                of targets differs from the batch size.
         """
         expected = self.num_classes if self.focal else self.num_classes + 1
         if output.logits.shape[-1] != expected:
@@ -248,6 +248,10 @@ class SetCriterion(nn.Module):
         loss = output.logits.new_zeros((), dtype=torch.float32)
         terms: dict[str, Tensor] = {}
         for suffix, logits, boxes, layer_targets in layers:
+            if logits.shape[-1] != expected:
+                raise ValueError(
+                    f"SetCriterion: logits{suffix or ' (last layer)'} have {logits.shape[-1]} classes, expected {expected}"
+                )
             matches = self.matcher(logits, boxes, layer_targets)
             for name, value in self.layer_losses(logits, boxes, layer_targets, matches, num_boxes).items():
                 loss = loss + value

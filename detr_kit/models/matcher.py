@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -20,6 +21,12 @@ __all__ = ["HungarianMatcher", "hungarian_match"]
 
 # Stands in for NaN / inf costs (predictions that have diverged) so that scipy still finds an assignment.
 _NON_FINITE_COST = 1e8
+# PyTorch runs an elementwise op on the calling thread when it has fewer elements than this
+# (at::internal::GRAIN_SIZE is 32768; exp and log parallelise at any size, hence the per-batch
+# ``class_cost_table``). CPU costs are built in query tiles below it: every op stays serial and
+# L2-resident, and never waits on an intra-op thread pool that other processes keep busy (on a shared
+# 2-core machine one parallel region took ~12 ms instead of ~0.01 ms).
+_CPU_TILE_ELEMENTS = 32767
 
 
 @torch.no_grad()
@@ -41,9 +48,10 @@ def hungarian_match(cost_per_image: Sequence[Tensor]) -> list[tuple[Tensor, Tens
             empty = torch.empty(0, dtype=torch.int64, device=device)
             matches.append((empty, empty.clone()))
             continue
-        cost = torch.nan_to_num(cost.detach().double(), nan=_NON_FINITE_COST, posinf=_NON_FINITE_COST,
-                                neginf=-_NON_FINITE_COST)
-        query_idx, target_idx = linear_sum_assignment(cost.cpu().numpy())  # rows come back sorted
+        # numpy rather than torch for the conversion: it never wakes the intra-op thread pool.
+        array = np.nan_to_num(cost.detach().cpu().numpy().astype(np.float64), copy=False, nan=_NON_FINITE_COST,
+                              posinf=_NON_FINITE_COST, neginf=-_NON_FINITE_COST)
+        query_idx, target_idx = linear_sum_assignment(array)  # rows come back sorted
         matches.append((torch.as_tensor(query_idx, dtype=torch.int64, device=device),
                         torch.as_tensor(target_idx, dtype=torch.int64, device=device)))
     return matches
@@ -66,10 +74,10 @@ class HungarianMatcher(nn.Module):
 
     Attributes:
         stack_images: how the per-image costs are computed. None (default) picks by device: on CPU
-            image by image (each image's tensors stay cache-sized and under PyTorch's intra-op
-            parallel grain, so small ops do not wait on a busy thread pool), elsewhere in one pass
-            over [B, Q, max T_b] with targets padded (a fixed number of kernel launches and one
-            device sync). True / False force one way; both give identical costs.
+            image by image in query tiles of < 32768 elements (each op runs serially on L2-resident
+            data, and never waits on a busy intra-op thread pool), elsewhere in one pass over
+            [B, Q, max T_b] with targets padded (a fixed number of kernel launches, one device sync).
+            True / False force one way; both give the same costs.
 
     Raises:
         ValueError: if every cost weight is zero or one is negative.
@@ -100,43 +108,47 @@ class HungarianMatcher(nn.Module):
         return (f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
                 f"focal={self.focal}, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}")
 
-    def class_probabilities(self, logits: Tensor) -> Tensor:
-        """Class probabilities of every query, float32 also under autocast.
+    def class_cost_table(self, logits: Tensor) -> Tensor:
+        """Classification cost of every query for every class, built once per batch.
+
+        Computing the whole table once keeps exp / log (which PyTorch parallelises at any size) out of
+        the per-image work, which then only gathers the target labels' columns.
 
         Args:
-            logits: [B, Q, K+1] (softmax heads) or [B, Q, K] (focal heads).
+            logits: [B, Q, K+1] (softmax heads) or [B, Q, K] (focal heads) class logits.
 
         Returns:
-            [B, Q, K+1] softmax or [B, Q, K] sigmoid probabilities.
+            [B, Q, K+1] or [B, Q, K] float32 cost (also under autocast), lower for a better match.
         """
-        return logits.float().sigmoid() if self.focal else logits.float().softmax(-1)
+        logits = logits.float()
+        if not self.focal:
+            return -logits.softmax(-1)
+        prob = logits.sigmoid()
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+        negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+        return positive - negative
 
-    def cost(self, class_prob: Tensor, boxes_cxcywh: Tensor, target_boxes: Tensor, target_labels: Tensor) -> Tensor:
+    def cost(self, class_cost: Tensor, boxes_cxcywh: Tensor, target_boxes: Tensor, target_labels: Tensor) -> Tensor:
         """The matching cost of every image's queries against that image's targets.
 
         Args:
-            class_prob: [B, Q, K(+1)] from ``class_probabilities``.
+            class_cost: [B, Q, K(+1)] from ``class_cost_table``.
             boxes_cxcywh: [B, Q, 4] predicted boxes, cxcywh in 0..1.
             target_boxes: [B, T, 4] target boxes, cxcywh (rows may be padding).
             target_labels: [B, T] int64 target labels.
 
         Returns:
-            [B, Q, T] float32 cost; entry [b, q, t] only involves image b.
+            [B, Q, T] float32 cost (also under autocast); entry [b, q, t] only involves image b.
         """
-        prob = class_prob.gather(2, target_labels[:, None, :].expand(-1, class_prob.shape[1], -1))  # [B, Q, T]
-        if self.focal:
-            alpha, gamma = self.focal_alpha, self.focal_gamma
-            positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
-            negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
-            class_cost = positive - negative
-        else:
-            class_cost = -prob
+        class_cost = class_cost.gather(2, target_labels[:, None, :].expand(-1, class_cost.shape[1], -1))  # [B, Q, T]
         boxes_cxcywh, target_boxes = boxes_cxcywh.float(), target_boxes.float()
-        # L1 distance coordinate by coordinate on contiguous [B, Q, 1] - [B, 1, T] slices: unlike
-        # torch.cdist, small images never enter the intra-op thread pool (see ``stack_images``).
+        # L1 distance (torch.cdist p=1) one coordinate at a time, so that no op is larger than [B, Q, T].
         predicted = boxes_cxcywh.movedim(-1, 0).contiguous()[..., :, None]  # [4, B, Q, 1]
         target = target_boxes.movedim(-1, 0).contiguous()[..., None, :]  # [4, B, 1, T]
-        l1 = (predicted - target).abs().sum(0)  # [B, Q, T]
+        l1 = (predicted[0] - target[0]).abs()  # [B, Q, T]
+        for coordinate in range(1, 4):
+            l1 = l1 + (predicted[coordinate] - target[coordinate]).abs()
         giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes_cxcywh), box_cxcywh_to_xyxy(target_boxes))  # [B, Q, T]
         return self.cost_bbox * l1 + self.cost_class * class_cost - self.cost_giou * giou
 
@@ -166,27 +178,32 @@ class HungarianMatcher(nn.Module):
             )
         device = logits.device
         stack = device.type != "cpu" if self.stack_images is None else self.stack_images
-        class_prob = self.class_probabilities(logits)  # [B, Q, K(+1)]; once for the whole batch
+        class_cost = self.class_cost_table(logits)  # [B, Q, K(+1)]
         if stack:
-            costs = self._stacked_costs(class_prob, boxes, targets)
+            costs = self._stacked_costs(class_cost, boxes, targets)
         else:
-            costs = self._per_image_costs(class_prob, boxes, targets)
+            costs = self._per_image_costs(class_cost, boxes, targets)
         matches = hungarian_match(costs)
         return [(query_idx.to(device), target_idx.to(device)) for query_idx, target_idx in matches]
 
-    def _per_image_costs(self, class_prob: Tensor, boxes: Tensor, targets: Sequence[Target]) -> list[Tensor]:
-        """One [Q, T_b] cost per image, computed image by image."""
+    def _per_image_costs(self, class_cost: Tensor, boxes: Tensor, targets: Sequence[Target]) -> list[Tensor]:
+        """One [Q, T_b] cost per image, computed image by image in query tiles of < 32768 elements."""
+        num_queries = class_cost.shape[1]
         costs = []
         for b, target in enumerate(targets):
-            if len(target) == 0:
-                costs.append(boxes.new_empty((boxes.shape[1], 0), dtype=torch.float32))
-                continue
-            target_boxes = target.boxes.to(device=boxes.device, dtype=torch.float32)[None]  # [1, T_b, 4]
-            target_labels = target.labels.to(boxes.device)[None]  # [1, T_b]
-            costs.append(self.cost(class_prob[b : b + 1], boxes[b : b + 1], target_boxes, target_labels)[0])
+            cost = torch.empty(num_queries, len(target), dtype=torch.float32, device=boxes.device)  # [Q, T_b]
+            if len(target) > 0:
+                target_boxes = target.boxes.to(device=boxes.device, dtype=torch.float32)[None]  # [1, T_b, 4]
+                target_labels = target.labels.to(boxes.device)[None]  # [1, T_b]
+                rows = max(1, _CPU_TILE_ELEMENTS // len(target))  # every op in a tile is [rows, T_b]
+                for start in range(0, num_queries, rows):
+                    tile = slice(start, start + rows)
+                    tile_cost = self.cost(class_cost[b : b + 1, tile], boxes[b : b + 1, tile], target_boxes, target_labels)
+                    cost[tile] = tile_cost[0]  # [rows, T_b]
+            costs.append(cost)
         return costs
 
-    def _stacked_costs(self, class_prob: Tensor, boxes: Tensor, targets: Sequence[Target]) -> list[Tensor]:
+    def _stacked_costs(self, class_cost: Tensor, boxes: Tensor, targets: Sequence[Target]) -> list[Tensor]:
         """One [Q, T_b] cost per image, from a single pass over [B, Q, max T_b] and one device sync."""
         batch_size, num_queries = boxes.shape[:2]
         sizes = [len(target) for target in targets]
@@ -200,5 +217,5 @@ class HungarianMatcher(nn.Module):
         for b, target in enumerate(targets):
             target_boxes[b, : sizes[b]] = target.boxes.to(device=device, dtype=torch.float32)  # [B, T_max, 4]
             target_labels[b, : sizes[b]] = target.labels.to(device)  # [B, T_max]
-        cost = self.cost(class_prob, boxes, target_boxes, target_labels).cpu()  # [B, Q, T_max]
+        cost = self.cost(class_cost, boxes, target_boxes, target_labels).cpu()  # [B, Q, T_max]
         return [cost[b, :, : sizes[b]] for b in range(batch_size)]

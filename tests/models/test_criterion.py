@@ -155,12 +155,28 @@ def test_non_finite_predictions_give_non_finite_loss(focal):
     assert not torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("focal", [False, True])
+def test_bfloat16_predictions_under_autocast_give_the_float32_loss(focal):
+    logits, boxes, targets, _ = two_image_case(focal)
+    logits, boxes = logits.bfloat16(), boxes.bfloat16()
+    criterion = make_criterion(focal=focal)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = criterion(DetectionOutput(logits, boxes), targets)
+    expected = criterion(DetectionOutput(logits.float(), boxes.float()), targets)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, expected.loss)
+
+
 def test_empty_weight_buffer_and_validation():
     criterion = make_criterion(eos_coef=0.25)
     assert "empty_weight" in dict(criterion.named_buffers())
     torch.testing.assert_close(criterion.empty_weight, torch.tensor([1.0, 1.0, 1.0, 0.25]))
     with pytest.raises(ValueError, match="expects logits with 4 classes"):
         criterion(DetectionOutput(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4)), [Target(torch.zeros(0, 4), [])])
+    with pytest.raises(ValueError, match="logits_enc have 3 classes, expected 4"):
+        encoder = (torch.zeros(1, 5, K), torch.full((1, 5, 4), 0.5))  # two-stage proposals need focal heads
+        criterion(DetectionOutput(torch.zeros(1, 2, K + 1), torch.full((1, 2, 4), 0.5), encoder=encoder),
+                  [Target(torch.zeros(0, 4), [])])
     with pytest.raises(ValueError, match="focal"):
         SetCriterion(K, HungarianMatcher(focal=False), focal=True)
     with pytest.raises(ValueError, match="num_classes"):
