@@ -273,7 +273,11 @@ def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> "torch.optim.Ad
     if not groups:
         raise ValueError("build_optimizer: the model has no trainable parameters (is train.lr_backbone=0 "
                          "freezing everything?)")
-    return torch.optim.AdamW(list(groups.values()), lr=t.lr, weight_decay=t.weight_decay)
+    # The fused kernel (one pass per tensor) is ~4x faster than the per-tensor loop on CPU; it needs floating
+    # parameters on CPU or CUDA.
+    params = [p for g in groups.values() for p in g["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(list(groups.values()), lr=t.lr, weight_decay=t.weight_decay, fused=fused)
 
 
 class LrFactor:

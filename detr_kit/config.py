@@ -52,7 +52,7 @@ class BackboneConfig:
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"  # frozen BN for pretrained weights; bn/gn from scratch
     trainable_stages: int = 3  # ResNet: how many of (layer4, layer3, layer2, layer1, stem) train, 0..5
     dilation: bool = False  # DC5: dilate the last stage instead of striding it
-    channels_last: bool = False
+    channels_last: bool = True  # ResNet body in channels-last memory: faster convolutions on CPU (docs/benchmarks.md)
     vit: ViTConfig = field(default_factory=ViTConfig)
 
 

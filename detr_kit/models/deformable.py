@@ -131,8 +131,8 @@ class MSDeformAttn(nn.Module):
                 f"and {len(spatial_shapes)} spatial shapes"
             )
         value = self.value_proj(value_input)  # [B, S, C]
-        if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
+        if padding_mask is not None:  # in place: the projection's output is not needed by its backward
+            value = value.masked_fill_(padding_mask[..., None], 0.0)
         value = value.view(batch, value.shape[1], heads, self.hidden_dim // heads)  # [B, S, M, Dh]
 
         dtype = _compute_dtype(query)
@@ -142,12 +142,18 @@ class MSDeformAttn(nn.Module):
         reference_points = reference_points.to(dtype)
         if reference_points.shape[-1] == 2:
             # (w, h) per level: an offset of 1 moves one pixel of that level.
-            normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=query.device)  # [L, 2]
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            origin = reference_points[:, :, None, :, None, :]  # [B, Lq, 1, L, 1, 2]
+            scale = 1.0 / torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=query.device)[:, None]
         else:
-            centres = reference_points[:, :, None, :, None, :2]  # [B, Lq, 1, L, 1, 2]
-            sizes = reference_points[:, :, None, :, None, 2:]  # [B, Lq, 1, L, 1, 2]
-            locations = centres + offsets / points * sizes * 0.5  # [B, Lq, M, L, P, 2]
+            origin = reference_points[:, :, None, :, None, :2]  # [B, Lq, 1, L, 1, 2] box centres
+            scale = reference_points[:, :, None, :, None, 2:] * (0.5 / points)  # [B, Lq, 1, L, 1, 2]
+        if torch.is_grad_enabled():
+            locations = torch.addcmul(origin, offsets, scale)  # [B, Lq, M, L, P, 2]
+        else:
+            # Written axis-major ([B, Lq, M, 2, L, P] in memory; a permuted view is passed), the layout the
+            # deformable core's inference path reads without a copy.
+            locations = torch.empty(batch, num_queries, heads, 2, levels, points, dtype=dtype, device=query.device)
+            locations = torch.addcmul(origin, offsets, scale, out=locations.permute(0, 1, 2, 4, 5, 3))
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)  # [B, Lq, C]
         return self.output_proj(out)
 
@@ -525,10 +531,13 @@ class DeformableTransformer(nn.Module):
         batch, channels = srcs[0].shape[:2]
         spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
         centres, level_index, sizes, level_start_index = self._pixel_grid(spatial_shapes, srcs[0].device)
-        src = torch.cat([s.flatten(2) for s in srcs], 2).transpose(1, 2)  # [B, S, C]
+        # Contiguous [B, S, C] once here, so no layer reads a transposed view.
+        src = torch.cat([s.flatten(2) for s in srcs], 2).transpose(1, 2).contiguous()  # [B, S, C]
         mask = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
-        pos = torch.cat([p.flatten(2) for p in pos_embeds], 2).transpose(1, 2)  # [B, S, C]
-        pos = (pos + self.level_embed[level_index]).to(src.dtype)  # [B, S, C]
+        pos = torch.cat([p.flatten(2) for p in pos_embeds], 2).transpose(1, 2)  # [B, S, C] view
+        pos = (pos + self.level_embed[level_index]).to(src.dtype).contiguous()  # [B, S, C]
+        # Without padding the layers skip masking their values (one check per forward, not one per layer).
+        attention_mask = mask if bool(mask.any()) else None  # [B, S] or None
         valid_ratios = self.valid_ratios(masks)  # [B, L, 2]
 
         # Reference point of every position: its pixel centre in 0..1 of its level's valid region, then rescaled to
@@ -536,7 +545,7 @@ class DeformableTransformer(nn.Module):
         valid_sizes = valid_ratios * sizes  # [B, L, 2] valid (w, h) in pixels
         points = centres / valid_sizes[:, level_index]  # [B, S, 2] in 0..1 of the valid image
         encoder_references = points[:, :, None] * valid_ratios[:, None]  # [B, S, L, 2]
-        memory = self.encoder(src, pos, encoder_references, spatial_shapes, level_start_index, mask)  # [B, S, C]
+        memory = self.encoder(src, pos, encoder_references, spatial_shapes, level_start_index, attention_mask)  # [B, S, C]
 
         encoder_logits = encoder_boxes = None
         if self.two_stage:
@@ -549,7 +558,7 @@ class DeformableTransformer(nn.Module):
             tgt = tgt[None].expand(batch, -1, -1)  # [B, Q, C]
             reference_points = self.reference_points(query_pos).sigmoid()  # [B, Q, 2]
         decoded = self.decoder(
-            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, mask
+            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, attention_mask
         )
         return TransformerOutput(decoded.hidden_states, decoded.references, decoded.boxes, encoder_logits, encoder_boxes)
 

@@ -236,8 +236,9 @@ class Transformer(nn.Module):
             [D, B, Q, C]: every decoder layer's output after the shared final LayerNorm.
         """
         batch = src.shape[0]
-        src = src.flatten(2).transpose(1, 2)  # [B, S, C]
-        pos = pos.flatten(2).transpose(1, 2).to(src.dtype)  # [B, S, C]
+        # Contiguous once here, so that no layer reads (or copies) a transposed view.
+        src = src.flatten(2).transpose(1, 2).contiguous()  # [B, S, C]
+        pos = pos.flatten(2).transpose(1, 2).to(src.dtype).contiguous()  # [B, S, C]
         mask = mask.flatten(1)  # [B, S]
         query_pos = query_embed[None].expand(batch, -1, -1)  # [B, Q, C]
         tgt = torch.zeros_like(query_pos)  # [B, Q, C]

@@ -4,12 +4,17 @@ Every query samples ``P`` points per head on each of ``L`` feature levels by bil
 returns, per head, the attention-weighted sum of the samples. This op dominates Deformable-DETR's encoder, so
 it is written for speed:
 
-* heads are folded into the batch, so one ``F.grid_sample`` call per level samples every image and head;
-* the sampling grid is laid out level-major (``[L, B*M, P, Lq, 2]``), so each level's grid is one contiguous
-  block (``grid_sample`` takes a much slower path on strided grids);
-* the samples are never stacked or concatenated: each level's ``[B*M, Dh, P, Lq]`` samples are weighted and
-  accumulated in place into one ``[B*M, Dh, Lq]`` buffer, which avoids the reference's stacked copy and its
-  ``[B*M, Dh, Lq, L*P]`` product temporary.
+Two implementations share the semantics (bilinear, zero padding, ``align_corners=False``):
+
+* **inference** (no input needs a gradient): one ``F.embedding_bag`` call for all levels, heads and points. The
+  value stays in its natural ``[B*S*M, Dh]`` row layout (no transpose); each query-head pair is one bag of
+  ``4 * L * P`` rows (the four bilinear corners of every sample) whose weights are the bilinear weights times the
+  attention weight, zeroed outside the map. Bags come out in ``[B, Lq, M]`` order, so the result is already
+  ``[B, Lq, M*Dh]``. The index and weight tensors are built with a handful of vectorised ops over
+  ``[B*Lq*M, 2, L*P]`` (contiguous inner dimension, no per-level Python work).
+* **training**: heads folded into the batch, one ``F.grid_sample`` per level on a level-major contiguous grid,
+  each level's samples weighted and accumulated in place (``grid_sample``'s backward is cheaper on CPU than
+  ``embedding_bag``'s, which sorts the indices).
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ def ms_deform_attn(
         attention_weights: [B, Lq, M, L, P], usually summing to 1 over (L, P).
 
     Returns:
-        [B, Lq, M * Dh]: head ``m`` fills channels ``m*Dh:(m+1)*Dh``. The tensor is a transposed view of a
-        [B, M * Dh, Lq] buffer (no copy is made); call ``.contiguous()`` before ``.view`` if you need one.
+        [B, Lq, M * Dh]: head ``m`` fills channels ``m*Dh:(m+1)*Dh``. In training the tensor is a transposed
+        view of a [B, M * Dh, Lq] buffer (no copy is made); call ``.contiguous()`` before ``.view`` if you need one.
 
     Raises:
         ValueError: if the shapes of the inputs do not agree.
@@ -90,6 +95,75 @@ def ms_deform_attn(
 def _sample_and_sum(
     value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
 ) -> Tensor:
+    if torch.is_grad_enabled() and (
+        value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
+    ):
+        return _grid_sample_and_sum(value, shapes, sampling_locations, attention_weights)
+    return _gather_and_sum(value, shapes, sampling_locations, attention_weights)
+
+
+def _gather_and_sum(
+    value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """The inference path: every sample's four bilinear corners as one weighted ``embedding_bag`` per query-head."""
+    batch, total, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    num_samples = num_levels * num_points  # K samples per query and head
+    bags = batch * num_queries * num_heads
+    device, dtype = value.device, value.dtype
+    index_dtype = torch.int32 if batch * total * num_heads < 2**31 else torch.int64
+    # Per (axis, level, point) constants: the map size (w; h) and the row stride of a step along the axis.
+    sizes = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], dtype=dtype, device=device)  # [2, L]
+    sizes = sizes[:, :, None].expand(2, num_levels, num_points).reshape(2, num_samples)  # [2, K]
+    strides = torch.tensor(
+        [[num_heads] * num_samples, [w * num_heads for _, w in shapes for _ in range(num_points)]],
+        dtype=index_dtype,
+        device=device,
+    )  # [2, K]: x moves one row of M heads, y one map row
+    starts, offset = [], 0
+    for height, width in shapes:
+        starts.append(offset)
+        offset += height * width
+    # Row of (image b, level start, head m) in the [B*S*M, Dh] value table.
+    base = (
+        torch.arange(batch, dtype=index_dtype, device=device).view(batch, 1, 1, 1) * (total * num_heads)
+        + torch.arange(num_heads, dtype=index_dtype, device=device).view(1, 1, num_heads, 1)
+        + torch.tensor(starts, dtype=index_dtype, device=device).repeat_interleave(num_points) * num_heads
+    )  # [B, 1, M, K]
+
+    locations = sampling_locations.to(dtype).reshape(bags, num_samples, 2).transpose(1, 2)  # [Nb, 2, K] (x; y)
+    pixels = locations.contiguous() * sizes - 0.5  # [Nb, 2, K] in pixels, centres at integers + 0.5 - 0.5
+    low = pixels.floor().nan_to_num_(nan=-2.0)  # [Nb, 2, K]; NaN samples fall outside (weight 0)
+    frac = pixels.sub_(low)  # [Nb, 2, K] distance to the lower corner
+    weight_low = (1 - frac).masked_fill_((low < 0) | (low >= sizes), 0.0)  # [Nb, 2, K], 0 outside the map
+    weight_high = frac.masked_fill_((low < -1) | (low >= sizes - 1), 0.0)  # [Nb, 2, K]
+    attention = attention_weights.to(dtype).reshape(bags, num_samples)  # [Nb, K]
+    y_low = weight_low[:, 1] * attention  # [Nb, K]
+    y_high = weight_high[:, 1] * attention  # [Nb, K]
+    x_low, x_high = weight_low[:, 0], weight_high[:, 0]  # [Nb, K]
+    weights = torch.stack([x_low * y_low, x_high * y_low, x_low * y_high, x_high * y_high], 1)  # [Nb, 4, K]
+
+    last = sizes - 1
+    index_low = torch.minimum(low.clamp(min=0), last).to(index_dtype).mul_(strides)  # [Nb, 2, K] row offsets
+    index_high = torch.minimum(low.add_(1).clamp_(min=0), last).to(index_dtype).mul_(strides)  # [Nb, 2, K]
+    row_low = (index_low[:, 1].view(batch, num_queries, num_heads, num_samples) + base).view(bags, num_samples)
+    row_high = (index_high[:, 1].view(batch, num_queries, num_heads, num_samples) + base).view(bags, num_samples)
+    col_low, col_high = index_low[:, 0], index_high[:, 0]  # [Nb, K]
+    indices = torch.stack([row_low + col_low, row_low + col_high, row_high + col_low, row_high + col_high], 1)
+
+    out = F.embedding_bag(
+        indices.view(bags, 4 * num_samples),
+        value.reshape(batch * total * num_heads, head_dim),
+        per_sample_weights=weights.view(bags, 4 * num_samples),
+        mode="sum",
+    )  # [Nb, Dh], bags in (b, q, m) order
+    return out.view(batch, num_queries, num_heads * head_dim)  # [B, Lq, M*Dh]
+
+
+def _grid_sample_and_sum(
+    value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """The training path: one ``grid_sample`` per level, heads folded into the batch."""
     batch, total, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     bm = batch * num_heads

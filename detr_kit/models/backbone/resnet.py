@@ -54,7 +54,7 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, C, H, W]
         scale = self.weight * (self.running_var + self.eps).rsqrt()  # [C]
         shift = self.bias - self.running_mean * scale  # [C]
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])  # one pass over x
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
