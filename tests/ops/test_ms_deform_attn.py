@@ -1,10 +1,12 @@
-"""ms_deform_attn against an independent explicit bilinear sampler (float64), gradcheck, autocast and errors."""
+"""ms_deform_attn against an independent explicit bilinear sampler (float64), gradcheck and gradients against a
+plain grid_sample implementation for both training kernels, the recompute kernel's saved tensors, autocast, errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from detr_kit.ops import ms_deform_attn as msda
 from detr_kit.ops.ms_deform_attn import ms_deform_attn
 
 
@@ -124,3 +126,78 @@ def test_shape_errors():
         ms_deform_attn(value, shapes[:1], None, locations, weights)
     with pytest.raises(ValueError, match="spatial_shapes"):
         ms_deform_attn(value, torch.tensor([3, 4, 2, 2]), None, locations, weights)
+
+
+def plain_grid_sample_reference(value, shapes, locations, weights):
+    """A second plain implementation: one F.grid_sample per level and head, weighted sum by broadcasting."""
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = locations.shape
+    out = value.new_zeros(batch, queries, heads, head_dim)
+    start = 0
+    for level, (h, w) in enumerate(shapes):
+        for m in range(heads):
+            v = value[:, start : start + h * w, m].transpose(1, 2).reshape(batch, head_dim, h, w)  # [B, Dh, h, w]
+            grid = locations[:, :, m, level] * 2 - 1  # [B, Q, P, 2]
+            samples = torch.nn.functional.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            out[:, :, m] += (samples * weights[:, None, :, m, level]).sum(-1).transpose(1, 2)  # [B, Q, Dh]
+        start += h * w
+    return out.reshape(batch, queries, heads * head_dim)
+
+
+@pytest.fixture(params=["recompute", "autograd"])
+def training_kernel(request, monkeypatch):
+    monkeypatch.setattr(msda, "TRAINING_KERNEL", request.param)
+    return request.param
+
+
+def test_gradcheck_every_input_with_samples_outside(training_kernel):
+    shapes = [(3, 4), (2, 2), (1, 3)]
+    value, locations, weights = random_inputs(shapes, batch=2, heads=2, head_dim=2, queries=3, points=2, seed=7)
+    locations = locations * 1.25 - 0.125  # -0.5..1.5: whole samples and single corners outside the maps
+    assert ((locations < 0) | (locations > 1)).any(-1).float().mean() > 0.3
+    inputs = [t.requires_grad_(True) for t in (value, locations, weights)]
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn(v, shapes, None, loc, w), inputs, eps=1e-6, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
+def test_gradients_equal_plain_grid_sample(training_kernel, needs):
+    shapes = [(6, 9), (3, 5), (2, 2), (1, 3)]
+    value, locations, weights = random_inputs(shapes, batch=2, heads=3, head_dim=4, queries=11, points=3, seed=8)
+    grad_out = torch.randn(2, 11, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    ours = [t.clone().requires_grad_(need) for t, need in zip((value, locations, weights), needs)]
+    theirs = [t.clone().requires_grad_(need) for t, need in zip((value, locations, weights), needs)]
+    (ms_deform_attn(ours[0], shapes, None, ours[1], ours[2]) * grad_out).sum().backward()
+    (plain_grid_sample_reference(*theirs[:1], shapes, *theirs[1:]) * grad_out).sum().backward()
+    for mine, reference, need in zip(ours, theirs, needs):
+        if need:
+            torch.testing.assert_close(mine.grad, reference.grad, atol=1e-10, rtol=0)
+        else:
+            assert mine.grad is None
+
+
+def test_recompute_kernel_saves_only_its_inputs(monkeypatch):
+    # Autograd may keep the value, the grid and the weights (one copy each), never the [B*M, Dh, P, Lq] samples.
+    monkeypatch.setattr(msda, "TRAINING_KERNEL", "recompute")
+    shapes = [(16, 16), (8, 8)]
+    value, locations, weights = random_inputs(shapes, batch=2, heads=2, head_dim=8, queries=320, points=4, seed=10)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    inputs = [t.requires_grad_(True) for t in (value, locations, weights)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = ms_deform_attn(*inputs[:1], shapes, None, *inputs[1:])
+    out.sum().backward()
+    assert 0 < sum(saved) <= value.numel() + locations.numel() + weights.numel()
+    assert all(t.grad is not None for t in inputs)
+
+
+def test_unknown_training_kernel(monkeypatch):
+    monkeypatch.setattr(msda, "TRAINING_KERNEL", "cuda")
+    value, locations, weights = random_inputs([(2, 2)])
+    with pytest.raises(ValueError, match="TRAINING_KERNEL"):
+        ms_deform_attn(value.requires_grad_(True), [(2, 2)], None, locations, weights)
