@@ -704,11 +704,12 @@ class Trainer:
                 record.update({f"val/{k}": v for k, v in self.metrics.items()})
                 record["eval_time_s"] = eval_timer.elapsed
             self.logger.log_epoch(epoch, self.step, record)
+            improved = evaluated and self.metrics.get("AP", -math.inf) > self.best_ap
+            if improved:
+                self.best_ap = self.metrics["AP"]  # before saving, so last.pth resumes with the right best_ap
             self.save("last.pth")
-            if evaluated and self.metrics.get("AP", -math.inf) > self.best_ap:
-                self.best_ap = self.metrics["AP"]
+            if improved:
                 self.save("best.pth")
-                self.save("last.pth")  # keep best_ap in last.pth consistent for resuming
             self._print_summary(epoch, record, log)
             if self._should_stop(stop):
                 log(f"stopped by {stop.requested or 'a signal on another rank'} after epoch {epoch}; "
