@@ -139,6 +139,7 @@ def _build_deformable_detr(m: ModelConfig, num_classes: int) -> nn.Module:
         box_refine=m.box_refine,
         two_stage=m.two_stage,
         exact_padding=m.exact_padding,
+        activation_checkpointing=m.activation_checkpointing,
     )
 
 

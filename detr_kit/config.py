@@ -94,6 +94,7 @@ class ModelConfig:
     num_proposals: int = 300  # two-stage: encoder proposals kept as decoder references
     focal: bool | None = None  # sigmoid focal classification; None = the arch's default (deformable: yes)
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # Deformable-DETR: recompute encoder activations in backward (less memory)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 

@@ -73,6 +73,8 @@ class DeformableDETR(nn.Module):
         exact_padding: run the backbone on each image unpadded and normalise the input projections over valid
             positions only, so that an image's outputs do not depend on the batch; a plain attribute that may be
             changed at any time (the evaluator turns it on).
+        activation_checkpointing: recompute the encoder's activations in the backward pass (training memory
+            down, step time up; see DeformableEncoder).
 
     Raises:
         ValueError: for non-positive sizes, too few backbone levels or ``two_stage`` without ``box_refine``.
@@ -97,6 +99,7 @@ class DeformableDETR(nn.Module):
         box_refine: bool = False,
         two_stage: bool = False,
         exact_padding: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1 or num_queries < 1 or num_feature_levels < 1:
@@ -181,6 +184,7 @@ class DeformableDETR(nn.Module):
             num_proposals=num_queries,
             bbox_embed=list(self.bbox_embed) if box_refine else None,
             class_embed=list(self.class_embed) if two_stage else None,
+            activation_checkpointing=activation_checkpointing,
         )
 
     def _project(self, index: int, x: Tensor, mask: Tensor) -> Tensor:

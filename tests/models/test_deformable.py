@@ -216,3 +216,32 @@ def test_transformer_rejects_wrong_level_count():
         transformer([src], [torch.zeros(1, 4, 4, dtype=torch.bool)], [src], torch.randn(3, 64))
     with pytest.raises(ValueError, match="two_stage"):
         DeformableTransformer(32, 2, 1, 1, 64, 0.0, num_feature_levels=2, two_stage=True)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Recomputing encoder activations in backward must not change the loss or any gradient."""
+    from detr_kit.build import build_criterion, build_model
+    from detr_kit.config import load_config
+    from detr_kit.structures import Target
+
+    overrides = ["model.num_classes=3", "model.backbone.weights=null", "model.backbone.name=resnet18",
+                 "model.backbone.norm=bn", "model.hidden_dim=32", "model.num_heads=4", "model.dim_feedforward=64",
+                 "model.num_encoder_layers=2", "model.num_decoder_layers=2", "model.num_queries=10",
+                 "model.num_feature_levels=3", "model.dropout=0.0"]
+    grads = []
+    for flag in (False, True):
+        cfg = load_config("configs/deformable_detr.yaml", [*overrides, f"model.activation_checkpointing={str(flag).lower()}"])
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        assert model.transformer.encoder.activation_checkpointing is flag
+        criterion = build_criterion(cfg)
+        images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        targets = [Target(torch.tensor([[0.5, 0.5, 0.3, 0.4]]), torch.tensor([1])) for _ in range(2)]
+        loss = criterion(model(images), targets).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_plain, plain), (loss_ckpt, ckpt) = grads
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
