@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda: where the train and infer cases run")
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · {torch.get_num_threads()} threads "
           f"available, {args.threads} used · torch {torch.__version__} · python {platform.python_version()}")
@@ -77,7 +78,8 @@ def main() -> None:
             if args.models and case in ("train", "infer") and model not in args.models:
                 continue
             repeats = args.repeats if case in ("train", "infer") else max(args.repeats, 5)
-            record = run_worker(case, model, impl, repeats, args.threads, [])
+            device = ["--device", args.device] if case in ("train", "infer") else []
+            record = run_worker(case, model, impl, repeats, args.threads, device)
             records.append(record)
             print(json.dumps(record), flush=True)
     print()

@@ -32,13 +32,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def timed(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a clock read measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -56,23 +64,23 @@ def random_targets(batch: int, num_boxes: int, num_classes: int, seed: int = 0):
 # ------------------------------------------------------------------------------------------------ ours
 
 
-def ours_model(model_key: str, extra: list[str]):
+def ours_model(model_key: str, extra: list[str], device: torch.device):
     from detr_kit.build import build_criterion, build_model, build_optimizer
     from detr_kit.config import load_config
 
     path, overrides = MODELS[model_key]
     cfg = load_config(ROOT / path, [*overrides, "model.num_classes=91", "model.backbone.weights=null", *extra])
-    model = build_model(cfg)
-    return cfg, model, build_criterion(cfg), build_optimizer(model, cfg.train)
+    model = build_model(cfg).to(device)
+    return cfg, model, build_criterion(cfg).to(device), build_optimizer(model, cfg.train)
 
 
-def ours_train_step(model_key: str, batch: int, size: int, extra: list[str]) -> Callable[[], object]:
+def ours_train_step(model_key: str, batch: int, size: int, extra: list[str], device: torch.device) -> Callable[[], object]:
     from detr_kit.structures import Target
 
-    cfg, model, criterion, optimizer = ours_model(model_key, extra)
+    cfg, model, criterion, optimizer = ours_model(model_key, extra, device)
     model.train()
-    images = torch.randn(batch, 3, size, size)
-    targets = [Target(boxes, labels) for boxes, labels in random_targets(batch, 5, 91)]
+    images = torch.randn(batch, 3, size, size, device=device)
+    targets = [Target(boxes, labels).to(device) for boxes, labels in random_targets(batch, 5, 91)]
 
     def step():
         output = model(images)
@@ -85,10 +93,10 @@ def ours_train_step(model_key: str, batch: int, size: int, extra: list[str]) -> 
     return step
 
 
-def ours_inference(model_key: str, height: int, width: int, extra: list[str]) -> Callable[[], object]:
-    _, model, _, _ = ours_model(model_key, extra)
+def ours_inference(model_key: str, height: int, width: int, extra: list[str], device: torch.device) -> Callable[[], object]:
+    _, model, _, _ = ours_model(model_key, extra, device)
     model.eval()
-    images = torch.randn(1, 3, height, width)
+    images = torch.randn(1, 3, height, width, device=device)
 
     def forward():
         with torch.inference_mode():
@@ -100,7 +108,7 @@ def ours_inference(model_key: str, height: int, width: int, extra: list[str]) ->
 # ------------------------------------------------------------------------------------------------ Hugging Face
 
 
-def hf_model(model_key: str):
+def hf_model(model_key: str, device: torch.device):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, DetrConfig, DetrForObjectDetection
 
     if model_key == "detr":
@@ -114,18 +122,18 @@ def hf_model(model_key: str):
     for name, param in model.model.backbone.named_parameters():
         if not any(f"layer{i}" in name for i in (2, 3, 4)):
             param.requires_grad_(False)
-    return model
+    return model.to(device)
 
 
-def hf_train_step(model_key: str, batch: int, size: int) -> Callable[[], object]:
-    model = hf_model(model_key)
+def hf_train_step(model_key: str, batch: int, size: int, device: torch.device) -> Callable[[], object]:
+    model = hf_model(model_key, device)
     model.train()
     backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4, weight_decay=1e-4)
-    pixel_values = torch.randn(batch, 3, size, size)
-    pixel_mask = torch.ones(batch, size, size, dtype=torch.long)
-    labels = [{"class_labels": labels, "boxes": boxes} for boxes, labels in random_targets(batch, 5, 91)]
+    pixel_values = torch.randn(batch, 3, size, size, device=device)
+    pixel_mask = torch.ones(batch, size, size, dtype=torch.long, device=device)
+    labels = [{"class_labels": labels.to(device), "boxes": boxes.to(device)} for boxes, labels in random_targets(batch, 5, 91)]
 
     def step():
         loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
@@ -137,11 +145,11 @@ def hf_train_step(model_key: str, batch: int, size: int) -> Callable[[], object]
     return step
 
 
-def hf_inference(model_key: str, height: int, width: int) -> Callable[[], object]:
-    model = hf_model(model_key)
+def hf_inference(model_key: str, height: int, width: int, device: torch.device) -> Callable[[], object]:
+    model = hf_model(model_key, device)
     model.eval()
-    pixel_values = torch.randn(1, 3, height, width)
-    pixel_mask = torch.ones(1, height, width, dtype=torch.long)
+    pixel_values = torch.randn(1, 3, height, width, device=device)
+    pixel_mask = torch.ones(1, height, width, dtype=torch.long, device=device)
 
     def forward():
         with torch.inference_mode():
@@ -227,17 +235,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, nargs="+", default=None)
     parser.add_argument("--set", nargs="*", default=[], help="extra detr_kit overrides a.b=c")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (model cases; the rest run on the CPU)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     os.chdir(ROOT)
-    record: dict = {"case": args.case, "model": args.model, "impl": args.impl, "threads": args.threads}
+    record: dict = {"case": args.case, "model": args.model, "impl": args.impl, "threads": args.threads, "device": str(device)}
     if args.case == "train":
         batch, size = (args.size or [2, 512])[:2]
-        fn = ours_train_step(args.model, batch, size, args.set) if args.impl == "ours" else hf_train_step(args.model, batch, size)
+        fn = ours_train_step(args.model, batch, size, args.set, device) if args.impl == "ours" else hf_train_step(args.model, batch, size, device)
         record.update(batch=batch, size=size)
     elif args.case == "infer":
         height, width = (args.size or [800, 1066])[:2]
-        fn = ours_inference(args.model, height, width, args.set) if args.impl == "ours" else hf_inference(args.model, height, width)
+        fn = ours_inference(args.model, height, width, args.set, device) if args.impl == "ours" else hf_inference(args.model, height, width, device)
         record.update(size=[height, width])
     elif args.case == "matcher":
         b, q, t = (int(x) for x in args.model.split("x"))
@@ -246,8 +256,11 @@ def main() -> None:
         num_batches = (args.size or [48])[0]
         fn = data_case(num_batches, workers=2)
         record.update(images=2 * num_batches)
-    times = timed(fn, args.warmup, args.repeats)
+    model_case = args.case in ("train", "infer")
+    times = timed(fn, args.warmup, args.repeats, device if model_case else torch.device("cpu"))
     record.update(times_s=[round(t, 4) for t in times], median_s=statistics.median(times), peak_rss_mb=round(peak_rss_mb(), 1))
+    if model_case and device.type == "cuda":
+        record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if args.case == "data":
         record["images_per_s"] = record["images"] / record["median_s"]
     print(json.dumps(record))
