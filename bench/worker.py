@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs="+", default=None)
     parser.add_argument("--set", nargs="*", default=[], help="extra detr_kit overrides a.b=c")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (model cases; the rest run on the CPU)")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast the model cases")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -257,6 +258,14 @@ def main() -> None:
         fn = data_case(num_batches, workers=2)
         record.update(images=2 * num_batches)
     model_case = args.case in ("train", "infer")
+    if args.amp != "off" and model_case:
+        plain, dtype = fn, torch.bfloat16 if args.amp == "bf16" else torch.float16
+
+        def fn():
+            with torch.autocast(device.type, dtype=dtype):
+                return plain()
+
+        record["amp"] = args.amp
     times = timed(fn, args.warmup, args.repeats, device if model_case else torch.device("cpu"))
     record.update(times_s=[round(t, 4) for t in times], median_s=statistics.median(times), peak_rss_mb=round(peak_rss_mb(), 1))
     if model_case and device.type == "cuda":
