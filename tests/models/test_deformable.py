@@ -11,29 +11,7 @@ from torch import nn
 from detr_kit.models.deformable import DeformableTransformer, MSDeformAttn, inverse_sigmoid
 from detr_kit.models.deformable_detr import DeformableDETR
 from detr_kit.models.position import SinePositionEncoding
-
-
-def bilinear_reference(value, shapes, locations, weights):
-    """Explicit 4-corner bilinear sampling with zero outside each map (pixel centres at u * size - 0.5), summed with
-    the attention weights: value [B, S, M, Dh], locations [B, Q, M, L, P, 2], weights [B, Q, M, L, P] -> [B, Q, M*Dh]."""
-    batch, _, heads, head_dim = value.shape
-    queries, points = locations.shape[1], locations.shape[4]
-    out = torch.zeros(batch, queries, heads, head_dim, dtype=value.dtype)
-    start = 0
-    for level, (h, w) in enumerate(shapes):
-        v = value[:, start : start + h * w]  # [B, h*w, M, Dh]
-        start += h * w
-        x = locations[:, :, :, level, :, 0] * w - 0.5  # [B, Q, M, P]
-        y = locations[:, :, :, level, :, 1] * h - 0.5
-        for xi in (x.floor(), x.floor() + 1):
-            for yi in (y.floor(), y.floor() + 1):
-                corner = (1 - (x - xi).abs()) * (1 - (y - yi).abs()) * ((xi >= 0) & (xi < w) & (yi >= 0) & (yi < h))
-                index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long()  # [B, Q, M, P]
-                for b in range(batch):
-                    for m in range(heads):
-                        rows = v[b, :, m][index[b, :, m].reshape(-1)].reshape(queries, points, head_dim)
-                        out[b, :, m] += (rows * (corner[b, :, m] * weights[b, :, m, level]).unsqueeze(-1)).sum(1)
-    return out.reshape(batch, queries, heads * head_dim)
+from references import bilinear_reference
 
 
 def test_msdeformattn_reference_initialisation():
