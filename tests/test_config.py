@@ -35,6 +35,18 @@ def test_overrides_are_typed(tmp_path):
         load_config("configs/detr_r50.yaml", ["model.num_queries"])
 
 
+def test_off_and_no_stay_words_in_files_and_overrides(tmp_path):
+    # YAML 1.1 would read `amp: off` as False, which no amp setting accepts
+    path = tmp_path / "amp_off.yaml"
+    path.write_text("_base_: %s\ntrain: {amp: off}\ndata: {hflip: no}\n" % Path("configs/detr_r50.yaml").resolve())
+    cfg = load_config(path)
+    assert (cfg.train.amp, cfg.data.hflip) == ("off", False)
+    cfg = load_config("configs/detr_r50.yaml", ["train.amp=off", "data.hflip=yes", "model.compile=False"])
+    assert (cfg.train.amp, cfg.data.hflip, cfg.model.compile) == ("off", True, False)
+    with pytest.raises(ConfigError, match="data.hflip"):
+        load_config("configs/detr_r50.yaml", ["data.hflip=maybe"])
+
+
 def test_misspelled_key_names_file_key_and_suggestion(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  num_querys: 10\n")
