@@ -21,6 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from detr_kit.engine.fast_coco import fast_coco_eval, fast_coco_stats
+from detr_kit.engine.step import autocast, outputs_to_float
 from detr_kit.structures import Detections, ImageBatch, LabelMap, Target
 
 # COCOeval.stats order (pycocotools cocoeval.py, summarize()).
@@ -275,20 +276,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def autocast_context(device: torch.device, amp: AmpMode) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``amp`` in "bf16"/"fp16", a null context for "off".
-
-    Raises:
-        ValueError: for any other ``amp``.
-    """
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"amp={amp!r} is invalid; allowed: 'off', 'bf16', 'fp16'")
-    return torch.autocast(device_type=device.type, dtype=dtypes[amp])
-
-
 def evaluate(
     model: nn.Module,
     postprocessor: nn.Module,
@@ -334,10 +321,10 @@ def evaluate(
         with torch.inference_mode():
             for batch, targets in loader:
                 batch = batch.to(device, non_blocking=True)
-                with autocast_context(device, amp):
+                with autocast(device, amp):
                     output = model(batch.images, batch.mask)
                 orig_sizes = torch.tensor([t.orig_size for t in targets], dtype=torch.int64, device=device)  # [B, 2]
-                output = type(output)(*(_to_float(x) for x in output))
+                output = outputs_to_float(output)
                 detections = postprocessor(output, orig_sizes)
                 evaluator.update(targets, detections)
     finally:
@@ -349,14 +336,5 @@ def evaluate(
     return evaluator.summarize(output_dir, verbose=verbose)
 
 
-def _to_float(value: Any) -> Any:
-    """Cast AMP outputs back to float32 so that post-processing (top-k, boxes) runs at full precision."""
-    if isinstance(value, torch.Tensor):
-        return value.float()
-    if isinstance(value, tuple):
-        return tuple(_to_float(v) for v in value)
-    return value
-
-
-__all__ = ["BACKENDS", "STAT_NAMES", "CocoEvaluator", "autocast_context", "evaluate", "fast_coco_eval", "fast_coco_stats",
+__all__ = ["BACKENDS", "STAT_NAMES", "CocoEvaluator", "evaluate", "fast_coco_eval", "fast_coco_stats",
            "format_coco_summary"]

@@ -1,37 +1,29 @@
-"""The training loop: optimisation, AMP, accumulation, EMA, evaluation, checkpoints and clean stops.
+"""The training loop: epochs, evaluation, EMA, checkpoints, resume and clean stops.
 
 ``train(cfg, output_dir, resume)`` is the whole of ``tools/train.py``: it joins the ``torchrun`` process
 group (if any), builds a :class:`Trainer` and runs it. The Trainer reads the config once, in its
-constructor, and turns it into objects through ``detr_kit.build``; :func:`train_step` below it takes
-plain objects only, so it can be tested (and reused) without any config.
+constructor, and turns it into objects through ``detr_kit.build``; one optimizer step is
+:func:`detr_kit.engine.step.train_step`, which takes plain objects only.
 
 Reliability rules this loop keeps:
-- a non-finite loss skips its optimizer step (no update, gradients zeroed) and logs the batch's image ids;
-  ``train.max_bad_steps`` such steps in a row raise ``FloatingPointError`` with the loss terms, leaving the
-  last good checkpoint on disk untouched;
-- SIGTERM / SIGINT finish the current step, write ``last.pth`` for that step and return normally; resuming
-  continues from that very step, skipping the batches of the epoch that were already done (the sampler
-  reshuffles identically from its epoch number);
+- a step with a non-finite loss or gradient is skipped (``engine/step.py``) and its batch's image ids are
+  logged; ``train.max_bad_steps`` such steps in a row raise ``FloatingPointError`` with the loss terms,
+  leaving the last good checkpoint on disk untouched;
+- SIGTERM / SIGINT (``engine/signals.py``) finish the current step, write ``last.pth`` for that step and
+  return normally; resuming continues from that very step, skipping the batches of the epoch that were
+  already done (``engine/loaders.py``: the sampler reshuffles identically from its epoch number);
 - checkpoints are written atomically (``engine/checkpoint.py``), by rank 0 only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
-import os
-import random
-import signal
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from detr_kit.config import Config, save_config
 from detr_kit.engine import distributed as dist_utils
@@ -45,276 +37,14 @@ from detr_kit.engine.checkpoint import (
     save_checkpoint,
 )
 from detr_kit.engine.ema import ModelEMA
+from detr_kit.engine.examples import draw_examples
+from detr_kit.engine.loaders import loader_skipping, seed_everything, set_epoch, shutdown_workers
 from detr_kit.engine.logging import AP_KEYS, MetricsLogger, ProgressBar, Timer
-from detr_kit.structures import DetectionOutput, ImageBatch, LabelMap, LossOutput, Target
+from detr_kit.engine.signals import StopSignal, shield_workers
+from detr_kit.engine.step import probe_unused_parameters, train_step
+from detr_kit.structures import ImageBatch, LabelMap, Target
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 EMA_WARMUP_STEPS = 2000  # time constant of the EMA decay warm-up, in optimizer steps
-
-
-# ---------------------------------------------------------------------------------------------- one step
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step did.
-
-    ok:        False when the loss (on any rank) or the gradient norm was not finite: no update happened.
-    loss:      the total loss of the step (mean over its micro-batches).
-    terms:     every logged term (mean over micro-batches), plus ``loss``.
-    grad_norm: the gradient norm before clipping (nan when not computed).
-    image_ids: the ids of the step's images (for the bad-step diagnostic).
-    """
-
-    ok: bool
-    loss: float
-    terms: dict[str, float]
-    grad_norm: float = float("nan")
-    image_ids: list[int] = field(default_factory=list)
-
-
-def _outputs_sum(output: DetectionOutput) -> torch.Tensor:
-    """The sum of every tensor in ``output``; ``0 * this`` gives each used parameter a (zero) gradient."""
-    tensors = [output.logits, output.boxes]
-    for logits, boxes in output.aux:
-        tensors += [logits, boxes]
-    if output.encoder is not None:
-        tensors += list(output.encoder)
-    return sum(t.float().sum() for t in tensors)
-
-
-def _to_float(output: DetectionOutput) -> DetectionOutput:
-    """Cast AMP outputs to float32 so that the matcher and the losses run at full precision."""
-    aux = tuple((logits.float(), boxes.float()) for logits, boxes in output.aux)
-    encoder = None if output.encoder is None else (output.encoder[0].float(), output.encoder[1].float())
-    return DetectionOutput(output.logits.float(), output.boxes.float(), aux, encoder)
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for amp "bf16" / "fp16"; a null context for "off"."""
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp={amp!r} is invalid; allowed: 'off', 'bf16', 'fp16'")
-    if AMP_DTYPES[amp] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
-
-
-def train_step(
-    model: nn.Module,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[tuple[ImageBatch, Sequence[Target]]],
-    device: torch.device,
-    amp: str = "off",
-    scaler: torch.amp.GradScaler | None = None,
-    clip_max_norm: float = 0.0,
-    touch_all_outputs: bool = False,
-) -> StepResult:
-    """One optimizer step over ``micro_batches`` (gradient accumulation when there are several).
-
-    Each micro-batch's loss is divided by the number of micro-batches, so with a mean-reduced loss the
-    update equals that of one batch holding all of them. Under DDP only the last micro-batch
-    synchronises gradients.
-
-    Args:
-        model: the detector (possibly DDP-wrapped), in train mode.
-        criterion: ``criterion(output, targets) -> LossOutput``.
-        optimizer: the optimizer; its gradients are zeroed before and after the step.
-        micro_batches: ``(ImageBatch, targets)`` pairs, on any device.
-        device: where the model lives.
-        amp: "off", "bf16" or "fp16" autocast of the forward pass.
-        scaler: a GradScaler for fp16 (None otherwise).
-        clip_max_norm: clip the global gradient norm to this value; 0 = no clipping.
-        touch_all_outputs: add ``0 * sum(outputs)`` to the loss, so that under DDP every parameter used in
-            the forward pass gets a gradient even when a rank's images have no boxes.
-
-    Returns:
-        A :class:`StepResult`; ``ok`` is False (and nothing was updated) for a non-finite loss on any
-        rank or, without a scaler, a non-finite gradient norm.
-    """
-    if not micro_batches:
-        raise ValueError("train_step: micro_batches is empty; pass at least one (ImageBatch, targets) pair")
-    optimizer.zero_grad(set_to_none=True)
-    # Buffers (BatchNorm running statistics and counters) change in the forward pass; a bad step puts them
-    # back, so that one non-finite batch cannot poison the model for good.
-    saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    count = len(micro_batches)
-    finite = True
-    terms: dict[str, float] = {}
-    total = 0.0
-    image_ids: list[int] = []
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    for index, (batch, targets) in enumerate(micro_batches):
-        batch = batch.to(device, non_blocking=True)
-        targets = [t.to(device, non_blocking=True) for t in targets]
-        image_ids += [int(t.image_id) for t in targets]
-        sync = model.no_sync() if is_ddp and index < count - 1 else contextlib.nullcontext()
-        with sync:
-            with autocast(device, amp):
-                output = model(batch.images, batch.mask)
-            output = _to_float(output)
-            result: LossOutput = criterion(output, targets)
-            loss = result.loss
-            if touch_all_outputs:
-                loss = loss + 0.0 * _outputs_sum(output)
-            loss_value = float(loss.detach())
-            finite = finite and math.isfinite(loss_value)
-            scaled = loss / count
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += loss_value / count
-        for key, value in result.terms.items():
-            terms[key] = terms.get(key, 0.0) + float(value) / count
-    terms["loss"] = total
-    finite = dist_utils.all_reduce_min_bool(finite, device)
-    if not finite:
-        _restore(saved_buffers)
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(False, total, terms, image_ids=image_ids)
-
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    max_norm = clip_max_norm if clip_max_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-    if scaler is not None:
-        scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
-        scaler.update()
-    elif not math.isfinite(grad_norm):
-        _restore(saved_buffers)
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(False, total, terms, grad_norm, image_ids)
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(True, total, terms, grad_norm, image_ids)
-
-
-def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for buffer, value in saved:
-            buffer.copy_(value)
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch (all devices); optionally ask torch for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-class _SkipBatches:
-    """A batch sampler that drops the first ``skip`` batches of another one (mid-epoch resume)."""
-
-    def __init__(self, batch_sampler: Iterable[list[int]], skip: int) -> None:
-        self.batch_sampler = batch_sampler
-        self.skip = skip
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for index, batch in enumerate(self.batch_sampler):
-            if index >= self.skip:
-                yield batch
-
-    def __len__(self) -> int:
-        return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
-
-
-def _loader_skipping(loader: DataLoader, skip: int) -> DataLoader:
-    """The same loader without its first ``skip`` batches, which are never loaded."""
-    if skip <= 0:
-        return loader
-    kwargs: dict[str, Any] = dict(
-        batch_sampler=_SkipBatches(loader.batch_sampler, skip),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        worker_init_fn=loader.worker_init_fn,
-        generator=loader.generator,
-        timeout=loader.timeout,
-    )
-    if loader.num_workers > 0:
-        kwargs.update(prefetch_factor=loader.prefetch_factor, multiprocessing_context=loader.multiprocessing_context)
-    return DataLoader(loader.dataset, **kwargs)
-
-
-def _set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:
-    """Make the epoch's shuffling and augmentation a function of (seed, epoch, rank) alone.
-
-    The sampler reshuffles from its epoch number; the loader's generator (which seeds the workers) and,
-    without workers, the dataset's augmentation pipeline are reseeded, so a run resumed at an epoch
-    boundary sees exactly the images and augmentations an uninterrupted run would.
-    """
-    for sampler in (loader.batch_sampler, loader.sampler):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-            break
-    epoch_seed = (seed * 1_000_003 + epoch * 1009 + rank) % 2**63
-    if loader.generator is not None:
-        loader.generator.manual_seed(epoch_seed)
-    transforms = getattr(loader.dataset, "transforms", None)
-    if loader.num_workers == 0 and transforms is not None and hasattr(transforms, "set_random_seed"):
-        from detr_kit.data.transforms import seed_transforms
-
-        seed_transforms(transforms, epoch_seed)
-
-
-class _WorkerIgnoresStopSignals:
-    """DataLoader ``worker_init_fn`` wrapper: workers ignore SIGTERM / SIGINT.
-
-    Schedulers (SLURM, Kubernetes) and Ctrl-C signal the whole process group; a worker killed by it would
-    crash the main process in the middle of its clean stop. The main process shuts its workers down itself.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if self.inner is not None:
-            self.inner(worker_id)
-
-
-def _shutdown_workers(iterator: Any) -> None:
-    """Stop a DataLoader iterator's workers now (they ignore SIGTERM, so they must be told to exit).
-
-    A partly consumed multi-process iterator that is still alive at interpreter exit would otherwise be
-    terminated (SIGTERM, ignored) and joined by multiprocessing's exit handler: a hang.
-    """
-    shutdown = getattr(iterator, "_shutdown_workers", None)
-    if callable(shutdown):
-        shutdown()
-
-
-class _StopSignal:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps; a second SIGINT interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __enter__(self) -> "_StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 # ---------------------------------------------------------------------------------------------- Trainer
@@ -427,14 +157,8 @@ class Trainer:
             )
             self.val_loader = build.build_val_loader(self.val_dataset, cfg.eval.batch_size, d.num_workers, rank, world)
             self.vis_dataset = self.val_dataset
-        self._shield_workers(self.train_loader)
-        self._shield_workers(self.val_loader)
-
-    @staticmethod
-    def _shield_workers(loader: DataLoader) -> DataLoader:
-        if loader.num_workers > 0 and not isinstance(loader.worker_init_fn, _WorkerIgnoresStopSignals):
-            loader.worker_init_fn = _WorkerIgnoresStopSignals(loader.worker_init_fn)
-        return loader
+        shield_workers(self.train_loader)
+        shield_workers(self.val_loader)
 
     def _train_split_with_eval_transforms(self, build: Any) -> Any:
         """The training split read with the evaluation transforms (no augmentation)."""
@@ -491,27 +215,8 @@ class Trainer:
             print(f"resumed from {path}: epoch {self.epoch}, step {self.step}, batch {self.batch_in_epoch} of the epoch")
 
     def _probe_unused_parameters(self) -> list[str]:
-        """Run one forward/backward on a training batch to find parameters that get no gradient.
-
-        The model's state, the gradients and the RNG are restored afterwards, so the probe changes nothing.
-        """
-        saved_state = copy.deepcopy(self.model.state_dict())
-        saved_rng = capture_rng_state()
-        iterator = iter(self.train_loader)
-        batch, targets = next(iterator)
-        _shutdown_workers(iterator)
-        batch = batch.to(self.device)
-        targets = [t.to(self.device) for t in targets]
-        self.model.train()
-        self.model.zero_grad(set_to_none=True)
-        with autocast(self.device, self.amp):
-            output = self.model(batch.images, batch.mask)
-        output = _to_float(output)
-        (self.criterion(output, targets).loss + 0.0 * _outputs_sum(output)).backward()
-        unused = dist_utils.unused_parameters(self.model)
-        self.model.zero_grad(set_to_none=True)
-        self.model.load_state_dict(saved_state)
-        restore_rng_state(saved_rng)
+        """The trainable parameters that get no gradient on any rank (one side-effect-free forward/backward)."""
+        unused = probe_unused_parameters(self.model, self.criterion, self.train_loader, self.device, self.amp)
         gathered = dist_utils.all_gather_object(unused)
         return sorted({name for names in gathered for name in names})
 
@@ -563,42 +268,18 @@ class Trainer:
             self.draw_examples(epoch)
         return metrics
 
-    @torch.no_grad()
     def draw_examples(self, epoch: int) -> list[Path]:
         """Draw the predictions of the first ``train.num_vis_images`` validation images into ``vis/``."""
-        from detr_kit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-        from detr_kit.visualize import draw_detections
-
-        model = self.eval_model()
-        was_training = model.training
-        model.eval()
-        folder = self.output_dir / "vis"
-        folder.mkdir(parents=True, exist_ok=True)
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        written = []
-        try:
-            for index in range(min(self.cfg.train.num_vis_images, len(self.vis_dataset))):
-                image, target = self.vis_dataset[index]  # [3, h, w] normalised
-                with autocast(self.device, self.amp):
-                    output = model(image[None].to(self.device), None)
-                size = torch.tensor([list(image.shape[-2:])], device=self.device)  # [1, 2] (h, w) of this image
-                detections = self.postprocessor(_to_float(output), size)[0].to("cpu")
-                keep = detections.scores >= 0.3
-                picture = (image.cpu() * std + mean).clamp(0, 1)  # [3, h, w] in 0..1
-                drawn = draw_detections(picture, detections.filter(keep), names=list(self.label_map.names))
-                path = folder / f"epoch_{epoch:03d}_{int(target.image_id)}.png"
-                drawn.save(path)
-                written.append(path)
-        finally:
-            model.train(was_training)
-        return written
+        return draw_examples(
+            self.eval_model(), self.postprocessor, self.vis_dataset, self.label_map.names, self.output_dir / "vis",
+            epoch, self.cfg.train.num_vis_images, self.device, self.amp,
+        )
 
     # ------------------------------------------------------------------------------------------ training
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[tuple[ImageBatch, list[Target]]]:
-        _set_epoch(self.train_loader, epoch, self.cfg.train.seed, self.dist.rank)
-        return iter(_loader_skipping(self.train_loader, skip))
+        set_epoch(self.train_loader, epoch, self.cfg.train.seed, self.dist.rank)
+        return iter(loader_skipping(self.train_loader, skip))
 
     def train(self) -> dict[str, Any]:
         """Train until ``train.epochs`` are done or a stop signal arrives.
@@ -609,13 +290,13 @@ class Trainer:
         Raises:
             FloatingPointError: after ``train.max_bad_steps`` consecutive non-finite losses.
         """
-        with _StopSignal() as stop:
+        with StopSignal() as stop:
             try:
                 return self._train(stop)
             finally:
                 self.logger.close()
 
-    def _train(self, stop: _StopSignal) -> dict[str, Any]:
+    def _train(self, stop: StopSignal) -> dict[str, Any]:
         t = self.cfg.train
         log = print if self.is_main else (lambda *a, **k: None)
         touch = self.dist.enabled
@@ -628,6 +309,7 @@ class Trainer:
             sums: dict[str, float] = {}
             done_steps = 0
             skipped_steps = 0
+            overflow_steps = 0
             batches = self._epoch_batches(epoch, self.batch_in_epoch)
             start_step_in_epoch = math.ceil(self.batch_in_epoch / t.accumulate_steps)
             bar = ProgressBar(self.steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", self.is_main,
@@ -654,6 +336,7 @@ class Trainer:
                         if self.ema is not None:
                             self.ema.update(self.model)
                         done_steps += 1
+                        overflow_steps += result.overflow
                         for key, value in result.terms.items():
                             sums[key] = sums.get(key, 0.0) + value
                     else:
@@ -687,7 +370,7 @@ class Trainer:
                         return self._result(stopped=True)
             finally:
                 bar.close()
-                _shutdown_workers(batches)
+                shutdown_workers(batches)
 
             # The epoch is complete.
             means = {f"train/{k}": v / max(1, done_steps) for k, v in sums.items()}
@@ -695,6 +378,7 @@ class Trainer:
             self.epoch = epoch + 1
             self.batch_in_epoch = 0
             record: dict[str, Any] = {**means, "time_s": timer.elapsed, "skipped_steps": skipped_steps,
+                                      **({"fp16_overflow_steps": overflow_steps} if self.scaler is not None else {}),
                                       "lr": self.optimizer.param_groups[0]["lr"]}
             evaluated = t.eval_every_epochs > 0 and (self.epoch % t.eval_every_epochs == 0 or self.epoch == t.epochs)
             if evaluated:
@@ -717,7 +401,7 @@ class Trainer:
                 return self._result(stopped=True)
         return self._result(stopped=False)
 
-    def _should_stop(self, stop: _StopSignal) -> bool:
+    def _should_stop(self, stop: StopSignal) -> bool:
         if not self.dist.enabled:
             return stop.requested is not None
         return not dist_utils.all_reduce_min_bool(stop.requested is None, self.device)
@@ -733,7 +417,8 @@ class Trainer:
         bad_images = len(getattr(self.train_dataset, "bad_images", ()) or ())
         log(f"epoch {epoch + 1}/{self.cfg.train.epochs} done in {record['time_s']:.1f}s "
             f"(step {self.step}) | {losses}{ap} | skipped steps {record['skipped_steps']}, "
-            f"skipped bad images {bad_images}")
+            f"skipped bad images {bad_images}"
+            + (f", fp16 overflow steps {record['fp16_overflow_steps']}" if "fp16_overflow_steps" in record else ""))
 
     def _result(self, stopped: bool) -> dict[str, Any]:
         return {"stopped": stopped, "epoch": self.epoch, "step": self.step, "best_ap": self.best_ap,
@@ -774,4 +459,4 @@ def train(
         dist_utils.cleanup_distributed()
 
 
-__all__ = ["StepResult", "Trainer", "autocast", "default_output_dir", "seed_everything", "train", "train_step"]
+__all__ = ["EMA_WARMUP_STEPS", "Trainer", "default_output_dir", "train"]

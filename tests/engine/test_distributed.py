@@ -29,7 +29,8 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from detr_kit.engine.trainer import Trainer, train_step
+    from detr_kit.engine.step import train_step
+    from detr_kit.engine.trainer import Trainer
     from detr_kit.structures import Target
 
     info = dist_utils.init_distributed("cpu", timeout_s=60)  # a hang becomes an error after 60 s

@@ -12,7 +12,7 @@ from torch import nn
 
 from detr_kit.build import LrFactor, build_lr_scheduler, build_optimizer
 from detr_kit.config import TrainConfig
-from detr_kit.engine.trainer import train_step
+from detr_kit.engine.step import train_step
 from detr_kit.structures import DetectionOutput, ImageBatch, LossOutput, Target
 
 # ---------------------------------------------------------------------------------------------- plain parts
@@ -110,6 +110,25 @@ def test_non_finite_loss_skips_the_update():
         torch.testing.assert_close(value, before[name])
     assert all(p.grad is None for p in model.parameters())
     assert len(opt.state) == 0  # AdamW never stepped
+
+
+def test_grad_scaler_overflow_is_reported_and_changes_nothing():
+    model = PlainDetector()
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # 2**127 times a gradient above 2 overflows float32, as a too-large scale overflows fp16 on a GPU
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    loud = PlainCriterion()
+    loud.forward = lambda output, targets: LossOutput(PlainCriterion.forward(loud, output, targets).loss * 1e6, {})
+    result = train_step(model, loud, opt, [_batch(1, 2)], torch.device("cpu"), scaler=scaler)
+    assert result.ok and result.overflow
+    assert scaler.get_scale() == 2.0**126  # backed off once
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name])
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    result = train_step(model, PlainCriterion(), opt, [_batch(1, 2)], torch.device("cpu"), scaler=scaler)
+    assert result.ok and not result.overflow
+    assert not torch.equal(model.proj.weight, before["proj.weight"])
 
 
 def test_gradient_clipping_limits_the_update():

@@ -9,13 +9,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from detr_kit.models.backbone.vit import (
-    Block,
-    ViTBackbone,
-    convert_vit_state_dict,
-    padding_mask_at_stride,
-    resize_position_embedding,
-)
+from detr_kit.compat.vit import convert_vit_state_dict
+from detr_kit.models.backbone.simple_pyramid import padding_mask_at_stride
+from detr_kit.models.backbone.vit import Block, ViTBackbone, resize_position_embedding
 
 
 def _images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:

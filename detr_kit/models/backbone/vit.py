@@ -4,7 +4,7 @@ The trunk follows ViT (Dosovitskiy et al. 2021) as torchvision and timm write it
 convolution, a [CLS] token, learned absolute position embeddings, pre-norm blocks (LayerNorm eps 1e-6,
 multi-head self-attention, GELU MLP) and a final LayerNorm. Module names are timm's (``patch_embed.proj``,
 ``pos_embed``, ``cls_token``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``) so
-timm/DeiT checkpoints load by name, torchvision checkpoints through ``convert_vit_state_dict``, and the
+timm/DeiT checkpoints load by name, torchvision checkpoints through ``detr_kit.compat.vit``, and the
 trainer's layer-wise lr decay finds ``backbone.blocks.{i}.``. The patch embedding is a Conv2d with kernel
 = stride = patch size: the same linear map as ``rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)")``
 followed by a Linear, but with the checkpoints' own weight layout, so loading needs no reshuffling.
@@ -12,7 +12,7 @@ followed by a Linear, but with the checkpoints' own weight layout, so loading ne
 Detection additions (Li et al. 2022, "Exploring Plain Vision Transformer Backbones for Object Detection"):
 windowed attention with a few global blocks for large inputs, and a simple feature pyramid built from the
 last stride-16 map (stride 8 by a 2x2 transposed convolution, 16 as is, 32 and 64 by max pooling), each
-level followed by 1x1 and 3x3 convolutions with channel LayerNorms.
+level followed by 1x1 and 3x3 convolutions with channel LayerNorms (``simple_pyramid.py``).
 
 Padding never changes an image's features. Every step is either per position (patch embedding, MLP,
 LayerNorm, the pyramid's 1x1 convolutions), or sees only valid positions: attention masks padded keys (in
@@ -25,7 +25,6 @@ divide the padded size this is the nearest-neighbour resize of the image mask th
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Mapping
 
@@ -35,7 +34,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torchvision.ops import stochastic_depth
 
-from detr_kit.models.backbone.resnet import LoadReport, read_state_dict
+from detr_kit.models.backbone.resnet import LoadReport
+from detr_kit.models.backbone.simple_pyramid import PyramidLevel, padding_mask_at_stride
 from detr_kit.structures import FeatureMap
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {  # size -> (embed_dim, depth, num
 }
 MLP_RATIO = 4
 LAYER_NORM_EPS = 1e-6  # torchvision and timm ViTs
-_HEAD_PREFIXES = ("head.", "heads.", "head_dist.", "fc_norm.", "pre_logits.")  # classification heads, never loaded
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -81,17 +80,6 @@ def resize_position_embedding(table: Tensor, src_grid: tuple[int, int], dst_grid
     grid = grid.to(torch.promote_types(grid.dtype, torch.float32))  # no bicubic in half precision
     grid = F.interpolate(grid, size=tuple(dst_grid), mode="bicubic", align_corners=False)  # [1, C, dst_h, dst_w]
     return rearrange(grid, "1 c h w -> (h w) c").to(table.dtype)  # [dst_h * dst_w, C]
-
-
-def _split_prefix(pos_embed: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Split a checkpoint's [1, N, C] table into its prefix-token entries ([CLS], distillation) and a square grid.
-
-    Returns:
-        (prefix [1, N - G*G, C], patches [1, G*G, C], G).
-    """
-    num = pos_embed.shape[1]
-    side = math.isqrt(num)
-    return pos_embed[:, : num - side * side], pos_embed[:, num - side * side :], side
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,82 +204,6 @@ class Block(nn.Module):
         windows = self.attn(windows, windows_valid if needs_mask else None)  # [B * nW, s*s, C]
         x = rearrange(windows, "(b nh nw) (s1 s2) c -> b (nh s1) (nw s2) c", b=batch, nh=(h + pad_h) // size, s1=size)
         return rearrange(x[:, :h, :w], "b h w c -> b (h w) c")  # [B, h * w, C]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Simple feature pyramid
-# --------------------------------------------------------------------------------------------------------------
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of every position of a [B, C, H, W] map (no statistics across positions)."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(num_channels, eps=eps)
-
-    def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, C, H, W]
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class PyramidLevel(nn.Module):
-    """One level of the simple feature pyramid: resampling of the stride-p map, then 1x1 and 3x3 conv + LayerNorm.
-
-    Args:
-        embed_dim: C of the ViT tokens.
-        out_channels: channels of the level.
-        scale: the level's stride divided by the patch size: 0.5, 1, 2 or 4.
-    """
-
-    def __init__(self, embed_dim: int, out_channels: int, scale: float) -> None:
-        super().__init__()
-        self.scale = scale
-        in_channels = embed_dim
-        self.upsample: nn.Module | None = None
-        if scale == 0.5:
-            in_channels = embed_dim // 2
-            self.upsample = nn.ConvTranspose2d(embed_dim, in_channels, kernel_size=2, stride=2)
-        self.lateral = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.lateral_norm = LayerNorm2d(out_channels)
-        self.output = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
-        self.output_norm = LayerNorm2d(out_channels)
-
-    def forward(self, x: Tensor, patch_mask: Tensor, level_mask: Tensor) -> Tensor:
-        """Build the level from the patch-token map.
-
-        Args:
-            x: [B, C, h, w] tokens of the patch grid, zero on padding.
-            patch_mask: [B, h, w] bool, True on padded patches.
-            level_mask: [B, H_l, W_l] bool, True on padded cells of this level.
-
-        Returns:
-            [B, out_channels, H_l, W_l], zero on padded cells.
-        """
-        height, width = level_mask.shape[-2:]
-        if self.upsample is not None:
-            x = self.upsample(x)[..., :height, :width]  # [B, C / 2, H_l, W_l]; each cell sees one patch only
-        elif self.scale > 1:
-            kernel = int(self.scale)
-            x = x.masked_fill(patch_mask[:, None], torch.finfo(x.dtype).min)  # padding never wins the max
-            x = F.max_pool2d(x, kernel, kernel, ceil_mode=True)  # [B, C, H_l, W_l]
-        padding = level_mask[:, None]  # [B, 1, H_l, W_l]
-        x = x.masked_fill(padding, 0.0)  # all-padding cells hold the dtype's minimum: never let it into a conv
-        x = self.lateral_norm(self.lateral(x)).masked_fill(padding, 0.0)  # [B, out, H_l, W_l]
-        return self.output_norm(self.output(x)).masked_fill(padding, 0.0)  # [B, out, H_l, W_l]
-
-
-def padding_mask_at_stride(mask: Tensor, stride: int) -> Tensor:
-    """Padding mask of a map with stride ``stride``: a cell is padding when none of its pixels is valid.
-
-    Args:
-        mask: [B, H, W] bool, True on padding.
-        stride: cell side in pixels.
-
-    Returns:
-        [B, ceil(H / stride), ceil(W / stride)] bool, True on padding.
-    """
-    valid = (~mask)[:, None].float()  # [B, 1, H, W]
-    return F.max_pool2d(valid, stride, stride, ceil_mode=True)[:, 0] == 0  # [B, H / s, W / s]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -429,55 +341,14 @@ class ViTBackbone(nn.Module):
             FileNotFoundError: the path does not exist.
             ValueError: a tensor's shape does not fit this model, or nothing in the state dict fits it.
         """
-        if isinstance(source, (str, Path)) and not Path(source).is_file():
-            raise FileNotFoundError(
-                f"ViT weights {str(source)!r} is not a file; ViT backbones load local torchvision or timm/DeiT "
-                "state dict files only (weight names such as IMAGENET1K_V1 are not downloaded)"
-            )
-        if isinstance(source, (str, Path)) and str(source).endswith(".safetensors"):
-            from safetensors.torch import load_file
+        from detr_kit.compat.vit import load_vit_weights  # compat imports this module: import it when needed
 
-            state_dict = load_file(str(source))
-        else:
-            state_dict = read_state_dict(source)
-        state_dict = convert_vit_state_dict(state_dict)
-        if "pos_embed" in state_dict:
-            state_dict["pos_embed"] = self._fit_position_table(state_dict["pos_embed"])
-        if self.cls_token is None:
-            state_dict.pop("cls_token", None)
-
-        own = {k: v for k, v in self.state_dict().items() if not k.startswith("pyramid.")}
-        usable: dict[str, Tensor] = {}
-        unexpected, mismatched = [], []
-        for key, value in state_dict.items():
-            if key not in own:
-                unexpected.append(key)
-            elif own[key].shape != value.shape:
-                mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
-            else:
-                usable[key] = value
-        name = source if isinstance(source, (str, Path)) else "the state dict"
-        if mismatched or not usable:
-            raise ValueError(
-                f"ViT weights from {name} do not fit a ViT with C={self.embed_dim}, {self.depth} blocks, "
-                f"patch {self.patch_size}: shape mismatches {mismatched[:6]}"
-                f"{'' if usable else f'; no key fits (first keys: {list(state_dict)[:6]})'}"
-            )
-        self.load_state_dict(usable, strict=False)
-        missing = [key for key in own if key not in usable]
-        if missing or unexpected:
-            logger.warning("ViT weights from %s: missing keys %s, unexpected keys %s", name, missing, unexpected)
-        return LoadReport(missing, unexpected, [])
-
-    def _fit_position_table(self, pos_embed: Tensor) -> Tensor:
-        """A checkpoint's position table [1, N, C] -> this model's: prefix entries fitted, grid interpolated."""
-        prefix, patches, side = _split_prefix(pos_embed.reshape(1, -1, pos_embed.shape[-1]))
-        patches = resize_position_embedding(patches, (side, side), (self.pretrain_grid, self.pretrain_grid))[None]
-        if self.cls_token is None:
-            return patches  # [1, G*G, C]
-        if prefix.shape[1] == 0:  # a table without a [CLS] entry: keep ours
-            prefix = self.pos_embed.detach()[:, :1].to(patches.dtype)
-        return torch.cat((prefix[:, :1], patches), dim=1)  # [1, 1 + G*G, C]
+        report = load_vit_weights(self, source)
+        if report.missing or report.unexpected:
+            name = source if isinstance(source, (str, Path)) else "the state dict"
+            logger.warning("ViT weights from %s: missing keys %s, unexpected keys %s", name, report.missing,
+                           report.unexpected)
+        return report
 
     # ---------------------------------------------------------------------------------------------- forward
 
@@ -567,67 +438,8 @@ class ViTBackbone(nn.Module):
         return outputs
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoint conversion
-# --------------------------------------------------------------------------------------------------------------
-
-_TORCHVISION_BLOCK_NAMES = {
-    "ln_1": "norm1",
-    "self_attention.in_proj_weight": "attn.qkv.weight",
-    "self_attention.in_proj_bias": "attn.qkv.bias",
-    "self_attention.out_proj": "attn.proj",
-    "ln_2": "norm2",
-    "mlp.0": "mlp.fc1",
-    "mlp.3": "mlp.fc2",
-    # torchvision < 0.13 named the MLP layers linear_1/linear_2
-    "mlp.linear_1": "mlp.fc1",
-    "mlp.linear_2": "mlp.fc2",
-}
-
-
-def convert_vit_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a torchvision or timm/DeiT ViT state dict to ViTBackbone's (timm's) names, dropping the head.
-
-    torchvision: ``class_token``, ``conv_proj``, ``encoder.pos_embedding``,
-    ``encoder.layers.encoder_layer_{i}.{ln_1, self_attention.{in_proj_*, out_proj}, ln_2, mlp.{0,3}}``,
-    ``encoder.ln``. timm/DeiT: ``cls_token``, ``pos_embed``, ``patch_embed.proj``,
-    ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm`` (kept as they are). A
-    ``module.`` prefix (DDP) is removed. Keys of neither layout pass through unchanged.
-
-    Args:
-        state_dict: key -> tensor.
-
-    Returns:
-        A new dict in ViTBackbone's names, without classification-head keys; tensors are not copied.
-    """
-    converted: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
-        if key.startswith(_HEAD_PREFIXES):
-            continue
-        if key == "class_token":
-            key = "cls_token"
-        elif key.startswith("conv_proj."):
-            key = "patch_embed.proj." + key.removeprefix("conv_proj.")
-        elif key == "encoder.pos_embedding":
-            key = "pos_embed"
-        elif key.startswith("encoder.ln."):
-            key = "norm." + key.removeprefix("encoder.ln.")
-        elif key.startswith("encoder.layers.encoder_layer_"):
-            index, rest = key.removeprefix("encoder.layers.encoder_layer_").split(".", 1)
-            for old, new in _TORCHVISION_BLOCK_NAMES.items():
-                if rest == old or rest.startswith(old + "."):
-                    rest = new + rest[len(old) :]
-                    break
-            key = f"blocks.{index}.{rest}"
-        converted[key] = value
-    return converted
-
-
 __all__ = [
     "VIT_SIZES",
     "ViTBackbone",
-    "convert_vit_state_dict",
-    "padding_mask_at_stride",
     "resize_position_embedding",
 ]
