@@ -38,18 +38,31 @@ def run_worker(case: str, model: str, impl: str, repeats: int, threads: int, ext
 
 
 def table(records: list[dict]) -> str:
-    rows = ["| case | model | impl | median s | runs s | peak RSS MB | ratio (peer / ours) |", "|---|---|---|---|---|---|---|"]
+    """Markdown rows; the ratio column is peer time / our time (> 1: we are faster).
+
+    Peer rows get their ratio to plain ``ours``; an ``ours_compiled`` row gets the peer's time over its own.
+    """
+    gpu = any("peak_gpu_mb" in r for r in records)
+    head = "| case | model | impl | median s | runs s | peak RSS MB |" + (" peak GPU MB |" if gpu else "") + " ratio (peer / ours) |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
     ours = {(r["case"], r["model"]): r for r in records if r.get("impl") == "ours" and "median_s" in r}
+    peers = {(r["case"], r["model"]): r for r in records if r.get("impl") not in ("ours", "ours_compiled") and "median_s" in r}
     for r in records:
         if "error" in r:
-            rows.append(f"| {r['case']} | {r['model']} | {r['impl']} | error: {r['error']} | | | |")
+            rows.append(f"| {r['case']} | {r['model']} | {r['impl']} | error: {r['error']} |" + " |" * (head.count("|") - 5))
             continue
-        base = ours.get((r["case"], r["model"]))
-        ratio = f"{r['median_s'] / base['median_s']:.2f}x" if base and r["impl"] != "ours" else ""
+        key = (r["case"], r["model"])
+        if r["impl"] == "ours":
+            ratio = ""
+        elif r["impl"] == "ours_compiled":
+            ratio = f"{peers[key]['median_s'] / r['median_s']:.2f}x" if key in peers else ""
+        else:
+            ratio = f"{r['median_s'] / ours[key]['median_s']:.2f}x" if key in ours else ""
         extra = f" ({r['images_per_s']:.1f} img/s)" if "images_per_s" in r else ""
+        gpu_cell = f" {r.get('peak_gpu_mb', '')} |" if gpu else ""
         rows.append(
             f"| {r['case']} | {r['model']} | {r['impl']} | {r['median_s']:.3f}{extra} | "
-            f"{', '.join(f'{t:.2f}' for t in r['times_s'])} | {r['peak_rss_mb']:.0f} | {ratio} |"
+            f"{', '.join(f'{t:.2f}' for t in r['times_s'])} | {r['peak_rss_mb']:.0f} |{gpu_cell} {ratio} |"
         )
     return "\n".join(rows)
 
@@ -62,6 +75,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument("--device", default="cpu", help="cpu | cuda: where the train and infer cases run")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast both sides of train/infer")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also measure ours with model.compile=true (torch.compile), in the same run as the peer")
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · {torch.get_num_threads()} threads "
           f"available, {args.threads} used · torch {torch.__version__} · python {platform.python_version()}")
@@ -74,11 +90,14 @@ def main() -> None:
             if proc.returncode != 0:
                 print(proc.stderr[-2000:])
             continue
-        for model, impl in PAIRS[case]:
+        pairs = PAIRS[case]
+        if args.compiled and case in ("train", "infer"):
+            pairs = [pair for model in dict(pairs) for pair in ((model, "ours"), (model, "ours_compiled"), (model, "hf"))]
+        for model, impl in pairs:
             if args.models and case in ("train", "infer") and model not in args.models:
                 continue
             repeats = args.repeats if case in ("train", "infer") else max(args.repeats, 5)
-            device = ["--device", args.device] if case in ("train", "infer") else []
+            device = ["--device", args.device, "--amp", args.amp] if case in ("train", "infer") else []
             record = run_worker(case, model, impl, repeats, args.threads, device)
             records.append(record)
             print(json.dumps(record), flush=True)

@@ -229,7 +229,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("case", choices=["train", "infer", "matcher", "data"])
     parser.add_argument("model", help="detr | deformable | deformable_two_stage | BxQxT (matcher) | -")
-    parser.add_argument("impl", help="ours | hf | batch_wide")
+    parser.add_argument("impl", help="ours | ours_compiled (model.compile=true) | hf | batch_wide")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -242,13 +242,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.chdir(ROOT)
     record: dict = {"case": args.case, "model": args.model, "impl": args.impl, "threads": args.threads, "device": str(device)}
+    ours = args.impl in ("ours", "ours_compiled")
+    overrides = [*args.set, *(["model.compile=true"] if args.impl == "ours_compiled" else [])]
     if args.case == "train":
         batch, size = (args.size or [2, 512])[:2]
-        fn = ours_train_step(args.model, batch, size, args.set, device) if args.impl == "ours" else hf_train_step(args.model, batch, size, device)
+        fn = ours_train_step(args.model, batch, size, overrides, device) if ours else hf_train_step(args.model, batch, size, device)
         record.update(batch=batch, size=size)
     elif args.case == "infer":
         height, width = (args.size or [800, 1066])[:2]
-        fn = ours_inference(args.model, height, width, args.set, device) if args.impl == "ours" else hf_inference(args.model, height, width, device)
+        fn = ours_inference(args.model, height, width, overrides, device) if ours else hf_inference(args.model, height, width, device)
         record.update(size=[height, width])
     elif args.case == "matcher":
         b, q, t = (int(x) for x in args.model.split("x"))
