@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from detr_kit.models.transformer import MultiheadAttention
+from detr_kit.ops.dropout import dropout, relu_dropout
 from detr_kit.ops.ms_deform_attn import ms_deform_attn
 
 _CACHE_SIZE = 8  # input shapes whose pixel-centre grids are kept
@@ -165,7 +166,8 @@ class DeformableEncoderLayer(nn.Module):
     Args:
         hidden_dim: C.
         dim_feedforward: hidden size of the feed-forward block (reference: 1024).
-        dropout: dropout on the residual branches.
+        dropout: dropout on the residual branches (the ``nn.Dropout`` attributes hold the
+            probabilities; ``detr_kit.ops.dropout`` applies them).
         num_levels: L.
         num_heads: M.
         num_points: P.
@@ -195,8 +197,10 @@ class DeformableEncoderLayer(nn.Module):
     ) -> Tensor:
         """src [B, S, C], pos [B, S, C], reference_points [B, S, L, 2], padding_mask [B, S] -> [B, S, C]."""
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        src = self.norm1(src + self.dropout1(attended))
-        src = self.norm2(src + self.dropout3(self.linear2(self.dropout2(self.linear1(src).relu()))))
+        training = self.training
+        src = self.norm1(src + dropout(attended, self.dropout1.p, training))
+        hidden = relu_dropout(self.linear1(src), self.dropout2.p, training)  # [B, S, dim_feedforward]
+        src = self.norm2(src + dropout(self.linear2(hidden), self.dropout3.p, training))
         return src
 
 
@@ -207,7 +211,8 @@ class DeformableDecoderLayer(nn.Module):
     Args:
         hidden_dim: C.
         dim_feedforward: hidden size of the feed-forward block.
-        dropout: dropout on the self-attention weights and on the residual branches.
+        dropout: dropout on the self-attention weights and on the residual branches (the ``nn.Dropout``
+            attributes hold the probabilities; ``detr_kit.ops.dropout`` applies them).
         num_levels: L.
         num_heads: M.
         num_points: P.
@@ -241,12 +246,14 @@ class DeformableDecoderLayer(nn.Module):
     ) -> Tensor:
         """tgt [B, Q, C], query_pos [B, Q, C], reference_points [B, Q, L, 2|4], memory [B, S, C] -> [B, Q, C]."""
         q = tgt + query_pos  # [B, Q, C]; the same tensor as key, so q and k project in one matmul
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt)))
+        training = self.training
+        tgt = self.norm2(tgt + dropout(self.self_attn(q, q, tgt), self.dropout2.p, training))
         attended = self.cross_attn(
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
         )
-        tgt = self.norm1(tgt + self.dropout1(attended))
-        tgt = self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(self.linear1(tgt).relu()))))
+        tgt = self.norm1(tgt + dropout(attended, self.dropout1.p, training))
+        hidden = relu_dropout(self.linear1(tgt), self.dropout3.p, training)  # [B, Q, dim_feedforward]
+        tgt = self.norm3(tgt + dropout(self.linear2(hidden), self.dropout4.p, training))
         return tgt
 
 

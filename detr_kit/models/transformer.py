@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detr_kit.ops.dropout import dropout, relu_dropout
+
 
 class MultiheadAttention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameters, computed by ``scaled_dot_product_attention``.
@@ -86,7 +88,8 @@ class TransformerEncoderLayer(nn.Module):
         hidden_dim: C.
         num_heads: M.
         dim_feedforward: hidden size of the feed-forward block.
-        dropout: dropout on attention weights and on every residual branch.
+        dropout: dropout on attention weights and on every residual branch (the ``nn.Dropout`` attributes hold
+            the probabilities; ``detr_kit.ops.dropout`` applies them).
     """
 
     def __init__(self, hidden_dim: int, num_heads: int, dim_feedforward: int, dropout: float) -> None:
@@ -103,8 +106,10 @@ class TransformerEncoderLayer(nn.Module):
     def forward(self, src: Tensor, mask: Tensor | None, pos: Tensor | None) -> Tensor:
         """src [B, S, C], mask [B, S] bool True on padding, pos [B, S, C] -> [B, S, C]."""
         q = _with_pos(src, pos)  # [B, S, C]
-        src = self.norm1(src + self.dropout1(self.self_attn(q, q, src, key_padding_mask=mask)))
-        src = self.norm2(src + self.dropout2(self.linear2(self.dropout(self.linear1(src).relu()))))
+        training = self.training
+        src = self.norm1(src + dropout(self.self_attn(q, q, src, key_padding_mask=mask), self.dropout1.p, training))
+        hidden = relu_dropout(self.linear1(src), self.dropout.p, training)  # [B, S, dim_feedforward]
+        src = self.norm2(src + dropout(self.linear2(hidden), self.dropout2.p, training))
         return src
 
 
@@ -115,7 +120,8 @@ class TransformerDecoderLayer(nn.Module):
         hidden_dim: C.
         num_heads: M.
         dim_feedforward: hidden size of the feed-forward block.
-        dropout: dropout on attention weights and on every residual branch.
+        dropout: dropout on attention weights and on every residual branch (the ``nn.Dropout`` attributes hold
+            the probabilities; ``detr_kit.ops.dropout`` applies them).
     """
 
     def __init__(self, hidden_dim: int, num_heads: int, dim_feedforward: int, dropout: float) -> None:
@@ -148,10 +154,12 @@ class TransformerDecoderLayer(nn.Module):
             [B, Q, C].
         """
         q = _with_pos(tgt, query_pos)  # [B, Q, C]
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
+        training = self.training
+        tgt = self.norm1(tgt + dropout(self.self_attn(q, q, tgt), self.dropout1.p, training))
         attended = self.multihead_attn(_with_pos(tgt, query_pos), _with_pos(memory, pos), memory, key_padding_mask=memory_mask)
-        tgt = self.norm2(tgt + self.dropout2(attended))  # [B, Q, C]
-        tgt = self.norm3(tgt + self.dropout3(self.linear2(self.dropout(self.linear1(tgt).relu()))))
+        tgt = self.norm2(tgt + dropout(attended, self.dropout2.p, training))  # [B, Q, C]
+        hidden = relu_dropout(self.linear1(tgt), self.dropout.p, training)  # [B, Q, dim_feedforward]
+        tgt = self.norm3(tgt + dropout(self.linear2(hidden), self.dropout3.p, training))
         return tgt
 
 
