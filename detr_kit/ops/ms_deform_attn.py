@@ -12,31 +12,38 @@ Two implementations share the semantics (bilinear, zero padding, ``align_corners
   attention weight, zeroed outside the map. Bags come out in ``[B, Lq, M]`` order, so the result is already
   ``[B, Lq, M*Dh]``. The index and weight tensors are built with a handful of vectorised ops over
   ``[B*Lq*M, 2, L*P]`` (contiguous inner dimension, no per-level Python work).
-* **training**: heads folded into the batch, one ``F.grid_sample`` per level on a level-major contiguous grid,
-  each level's samples weighted and accumulated in place (``grid_sample``'s backward is cheaper on CPU than
-  ``embedding_bag``'s, which sorts the indices). Two kernels, chosen by the module-level switch
-  ``TRAINING_KERNEL``:
+* **training**: three kernels, chosen by the module-level switch ``TRAINING_KERNEL`` (``"auto"``, the default,
+  picks ``"gather"`` on the CPU and ``"recompute"`` on other devices):
 
-  - ``"recompute"`` (default): a ``torch.autograd.Function`` that saves only its inputs (the value, the grid
-    and the attention weights) and recomputes each level's samples in backward, so no ``[B*M, Dh, P, Lq]``
-    tensor outlives its level in either pass (~180 MB less per encoder layer at 2x512x512). Backward per level:
-    one ``grid_sample`` (for the attention weights' gradient) and one ``grid_sampler_2d_backward``.
-  - ``"autograd"``: the same forward recorded by autograd, which keeps every level's samples for backward.
+  - ``"gather"``: a ``torch.autograd.Function`` whose forward is the inference ``embedding_bag`` path and that saves
+    only its inputs. Backward rebuilds the corner rows and weights, takes every corner's value-row . output-gradient
+    dot product with one ``torch.sparse.sampled_addmm`` on the bags' pattern (location and attention gradients
+    follow in closed form), and forms the value gradient as four CSR sparse-dense matmuls, one per corner, over
+    the samples' top-left corners, sorted per (level, image, head) segment (``_scatter_to_value``). No
+    ``[B*M, Dh, P, Lq]`` tensor and no global sort of all ``4 * N`` corner rows.
+  - ``"recompute"``: heads folded into the batch, one ``F.grid_sample`` per level on a level-major contiguous
+    grid, saving only its inputs and recomputing each level's samples in backward (one ``grid_sample`` for the
+    attention weights' gradient and one ``grid_sampler_2d_backward``). ``grid_sample``'s backward is cheaper than
+    ``embedding_bag``'s on the CPU (which sorts all indices), but scatters into the channels-first value with a
+    per-sample loop; on CUDA it is the fast path.
+  - ``"autograd"``: the grid_sample forward recorded by autograd, which keeps every level's samples for backward.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-TRAINING_KERNEL = "recompute"
-"""Kernel of the training path: ``"recompute"`` (low memory, default) or ``"autograd"`` (see the module docstring)."""
+TRAINING_KERNEL = "auto"
+"""Kernel of the training path: ``"auto"`` (default: ``"gather"`` on CPU, ``"recompute"`` on other devices),
+``"gather"``, ``"recompute"`` or ``"autograd"`` (see the module docstring)."""
 
-_TRAINING_KERNELS = ("recompute", "autograd")
+_TRAINING_KERNELS = ("auto", "gather", "recompute", "autograd")
 
 def _shapes_as_list(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     """(h, w) per level as Python ints (a tensor is read once; pass a list to avoid a device sync)."""
@@ -110,23 +117,64 @@ def _sample_and_sum(
     if torch.is_grad_enabled() and (
         value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
     ):
-        if TRAINING_KERNEL == "recompute":
+        kernel = TRAINING_KERNEL
+        if kernel == "auto":
+            kernel = "gather" if value.device.type == "cpu" else "recompute"
+        if kernel == "gather":
+            if sampling_locations.shape[3] * sampling_locations.shape[4] == 0:
+                raise ValueError("ms_deform_attn needs at least one level and one sampling point")
+            return _GatherSampleAndSum.apply(value, sampling_locations, attention_weights, shapes)
+        if kernel == "recompute":
             return _recompute_sample_and_sum(value, shapes, sampling_locations, attention_weights)
-        if TRAINING_KERNEL == "autograd":
+        if kernel == "autograd":
             return _grid_sample_and_sum(value, shapes, sampling_locations, attention_weights)
         raise ValueError(f"ms_deform_attn.TRAINING_KERNEL must be one of {_TRAINING_KERNELS}, got {TRAINING_KERNEL!r}")
     return _gather_and_sum(value, shapes, sampling_locations, attention_weights)
 
 
-def _gather_and_sum(
-    value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
-) -> Tensor:
-    """The inference path: every sample's four bilinear corners as one weighted ``embedding_bag`` per query-head."""
-    batch, total, num_heads, head_dim = value.shape
+class _Bags(NamedTuple):
+    """The four bilinear corners of every sample, bags of ``4 * K`` rows per query-head (``K = L * P`` samples).
+
+    Corners are ordered (x low, y low), (x high, y low), (x low, y high), (x high, y high).
+    """
+
+    indices: Tensor  # [Nb, 4, K] rows of the [B*S*M, Dh] value table (clamped into the map)
+    weights: Tensor  # [Nb, 4, K] bilinear weight times attention weight, 0 for corners outside the map
+    low_weights: Tensor | None  # [Nb, 2, K] (x; y) weight of the lower corner, 0 outside (backward only)
+    high_weights: Tensor | None  # [Nb, 2, K] (x; y) weight of the upper corner, 0 outside (backward only)
+    low_inside: Tensor | None  # [Nb, 2, K] bool: the lower corner is inside the map (backward only)
+    high_inside: Tensor | None  # [Nb, 2, K] bool: the upper corner is inside the map (backward only)
+    top_left: Tensor | None  # [Nb, 2, K] (x; y) of the lower corner plus 1, clamped to 0..size (backward only)
+    sizes: Tensor | None  # [2, K] (w; h) of each sample's level (backward only)
+
+
+def _bilinear_bags(
+    value_shape: torch.Size,
+    shapes: list[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    dtype: torch.dtype,
+    for_backward: bool = False,
+) -> _Bags:
+    """Corner rows and weights of every sample, built with a handful of vectorised ops over ``[Nb, 2, K]``.
+
+    Args:
+        value_shape: (B, S, M, Dh) of the value.
+        shapes: (h, w) per level.
+        sampling_locations: [B, Lq, M, L, P, 2] (x, y) in 0..1.
+        attention_weights: [B, Lq, M, L, P].
+        dtype: floating dtype of the weights (the value's).
+        for_backward: also return the per-axis weights, masks and top-left corners the gather kernel's
+            backward reads.
+
+    Returns:
+        The ``_Bags``; the backward-only fields are None unless ``for_backward``.
+    """
+    batch, total, num_heads, _ = value_shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     num_samples = num_levels * num_points  # K samples per query and head
     bags = batch * num_queries * num_heads
-    device, dtype = value.device, value.dtype
+    device = sampling_locations.device
     index_dtype = torch.int32 if batch * total * num_heads < 2**31 else torch.int64
     # Per (axis, level, point) constants: the map size (w; h) and the row stride of a step along the axis.
     sizes = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], dtype=dtype, device=device)  # [2, L]
@@ -151,8 +199,10 @@ def _gather_and_sum(
     pixels = locations.contiguous() * sizes - 0.5  # [Nb, 2, K] in pixels, centres at integers + 0.5 - 0.5
     low = pixels.floor().nan_to_num_(nan=-2.0)  # [Nb, 2, K]; NaN samples fall outside (weight 0)
     frac = pixels.sub_(low)  # [Nb, 2, K] distance to the lower corner
-    weight_low = (1 - frac).masked_fill_((low < 0) | (low >= sizes), 0.0)  # [Nb, 2, K], 0 outside the map
-    weight_high = frac.masked_fill_((low < -1) | (low >= sizes - 1), 0.0)  # [Nb, 2, K]
+    low_outside = (low < 0) | (low >= sizes)  # [Nb, 2, K]
+    weight_low = (1 - frac).masked_fill_(low_outside, 0.0)  # [Nb, 2, K], 0 outside the map
+    high_outside = (low < -1) | (low >= sizes - 1)  # [Nb, 2, K]
+    weight_high = frac.masked_fill_(high_outside, 0.0)  # [Nb, 2, K]
     attention = attention_weights.to(dtype).reshape(bags, num_samples)  # [Nb, K]
     y_low = weight_low[:, 1] * attention  # [Nb, K]
     y_high = weight_high[:, 1] * attention  # [Nb, K]
@@ -161,16 +211,37 @@ def _gather_and_sum(
 
     last = sizes - 1
     index_low = torch.minimum(low.clamp(min=0), last).to(index_dtype).mul_(strides)  # [Nb, 2, K] row offsets
-    index_high = torch.minimum(low.add_(1).clamp_(min=0), last).to(index_dtype).mul_(strides)  # [Nb, 2, K]
+    low.add_(1).clamp_(min=0)  # [Nb, 2, K] lower corner + 1, at least 0
+    index_high = torch.minimum(low, last).to(index_dtype).mul_(strides)  # [Nb, 2, K]
     row_low = (index_low[:, 1].view(batch, num_queries, num_heads, num_samples) + base).view(bags, num_samples)
     row_high = (index_high[:, 1].view(batch, num_queries, num_heads, num_samples) + base).view(bags, num_samples)
     col_low, col_high = index_low[:, 0], index_high[:, 0]  # [Nb, K]
     indices = torch.stack([row_low + col_low, row_low + col_high, row_high + col_low, row_high + col_high], 1)
+    if not for_backward:
+        return _Bags(indices, weights, None, None, None, None, None, None)
+    return _Bags(
+        indices,
+        weights,
+        weight_low,
+        weight_high,
+        low_outside.logical_not_(),
+        high_outside.logical_not_(),
+        torch.minimum(low, sizes),
+        sizes,
+    )
 
+
+def _gather_and_sum(
+    value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """The inference path: every sample's four bilinear corners as one weighted ``embedding_bag`` per query-head."""
+    batch, total, num_heads, head_dim = value.shape
+    num_queries = sampling_locations.shape[1]
+    bags = _bilinear_bags(value.shape, shapes, sampling_locations, attention_weights, value.dtype)
     out = F.embedding_bag(
-        indices.view(bags, 4 * num_samples),
+        bags.indices.view(batch * num_queries * num_heads, -1),
         value.reshape(batch * total * num_heads, head_dim),
-        per_sample_weights=weights.view(bags, 4 * num_samples),
+        per_sample_weights=bags.weights.view(batch * num_queries * num_heads, -1),
         mode="sum",
     )  # [Nb, Dh], bags in (b, q, m) order
     return out.view(batch, num_queries, num_heads * head_dim)  # [B, Lq, M*Dh]
@@ -292,6 +363,181 @@ class _SampleAndSum(torch.autograd.Function):
         if grad_weights is not None:
             grad_weights = grad_weights.view(num_levels, batch, num_heads, num_points, num_queries).permute(1, 4, 2, 0, 3)
         return grad_value, grad_grid, grad_weights, None  # grad_weights [B, Lq, M, L, P] (a permuted view)
+
+
+class _GatherSampleAndSum(torch.autograd.Function):
+    """The gather kernel: the inference ``embedding_bag`` forward with a backward in the value's row layout.
+
+    Saves only its inputs and rebuilds the corner rows and weights in backward (a few elementwise ops over
+    ``[Nb, 2, K]``). Backward: the four corner dot products of every sample with its query-head's output gradient
+    (one ``torch.sparse.sampled_addmm`` on the bags' pattern), the location and attention gradients from them in
+    closed form, and the value gradient as a sparse (CSR) matrix product (see ``_scatter_to_value``). Not twice
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, value: Tensor, sampling_locations: Tensor, attention_weights: Tensor, shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """value [B, S, M, Dh], sampling_locations [B, Lq, M, L, P, 2], attention_weights [B, Lq, M, L, P] -> [B, Lq, M*Dh]."""
+        ctx.shapes = shapes
+        ctx.save_for_backward(value, sampling_locations, attention_weights)
+        return _gather_and_sum(value, shapes, sampling_locations, attention_weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        """grad_out [B, Lq, M*Dh] -> gradients of the value, the sampling locations and the attention weights."""
+        value, sampling_locations, attention_weights = ctx.saved_tensors
+        need_value, need_locations, need_weights = ctx.needs_input_grad[:3]
+        batch, total, num_heads, head_dim = value.shape
+        _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+        num_bags, num_samples = batch * num_queries * num_heads, num_levels * num_points
+        with torch.autocast(value.device.type, enabled=False):
+            grad_bags = grad_out.to(value.dtype).reshape(num_bags, head_dim).contiguous()  # [Nb, Dh]
+            bags = _bilinear_bags(
+                value.shape, ctx.shapes, sampling_locations, attention_weights, value.dtype, for_backward=True
+            )
+            grad_value = _scatter_to_value(grad_bags, bags, value.shape, ctx.shapes, num_queries) if need_value else None
+            grad_locations = grad_weights = None
+            if need_locations or need_weights:
+                table = value.reshape(batch * total * num_heads, head_dim)  # [B*S*M, Dh]
+                dots = _corner_dots(grad_bags, table, bags.indices.view(num_bags, -1))  # [Nb, 4*K]
+                dots = dots.view(num_bags, 2, 2, num_samples)  # [Nb, y corner, x corner, K]
+                x_weights = torch.stack([bags.low_weights[:, 0], bags.high_weights[:, 0]], 1)  # [Nb, 2, K]
+                y_weights = torch.stack([bags.low_weights[:, 1], bags.high_weights[:, 1]], 1)  # [Nb, 2, K]
+                dots_y = (dots * x_weights[:, None]).sum(2)  # [Nb, 2, K]: gradient of the y corner weights / a
+                attention = attention_weights.to(value.dtype).reshape(num_bags, num_samples)  # [Nb, K]
+                if need_weights:
+                    grad_weights = (dots_y * y_weights).sum(1).view(attention_weights.shape).to(attention_weights.dtype)
+                if need_locations:
+                    dots_x = (dots * y_weights[:, :, None]).sum(1)  # [Nb, 2, K]: gradient of the x corner weights / a
+                    low_inside, high_inside = bags.low_inside, bags.high_inside  # [Nb, 2, K] each
+                    # d(weight_low)/d(pixel) = -1 and d(weight_high)/d(pixel) = +1 where the corner is inside.
+                    grad_pixels = torch.stack(
+                        [
+                            dots_x[:, 1] * high_inside[:, 0] - dots_x[:, 0] * low_inside[:, 0],
+                            dots_y[:, 1] * high_inside[:, 1] - dots_y[:, 0] * low_inside[:, 1],
+                        ],
+                        1,
+                    ).mul_(attention[:, None] * bags.sizes)  # [Nb, 2, K] d/d(location) = size * d/d(pixel)
+                    grad_locations = grad_pixels.view(batch, num_queries, num_heads, 2, num_levels, num_points)
+                    grad_locations = grad_locations.permute(0, 1, 2, 4, 5, 3).to(sampling_locations.dtype)
+        return grad_value, grad_locations, grad_weights, None  # grad_locations: a permuted view
+
+
+def _corner_dots(grad_bags: Tensor, table: Tensor, indices: Tensor) -> Tensor:
+    """Dot product of every corner's value row with its bag's output gradient.
+
+    Args:
+        grad_bags: [Nb, Dh] output gradient per bag.
+        table: [R, Dh] value rows.
+        indices: [Nb, 4*K] rows of ``table`` in each bag (int32 or int64).
+
+    Returns:
+        [Nb, 4*K] dot products.
+    """
+    num_bags, bag_size = indices.shape
+    if bag_size <= table.shape[0]:
+        # A sampled dense-dense product on the bags' sparsity pattern (about 3x faster than embedding_bag's
+        # per-sample-weight backward). The CPU kernel rejects patterns with more entries per row than columns.
+        row_start = torch.arange(0, num_bags * bag_size + 1, bag_size, dtype=indices.dtype, device=indices.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(
+                row_start,
+                indices.reshape(-1),
+                grad_bags.new_zeros(indices.numel()),
+                size=(num_bags, table.shape[0]),
+                check_invariants=False,
+            )
+            return torch.sparse.sampled_addmm(pattern, grad_bags, table.t(), beta=0.0).values().view(num_bags, bag_size)
+    bag = torch.arange(num_bags, dtype=indices.dtype, device=indices.device)  # [Nb]
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_bags, table, indices.reshape(-1), bag * bag_size, bag.repeat_interleave(bag_size), 0, -1
+    ).view(num_bags, bag_size)  # mode 0 = "sum", no padding index
+
+
+def _scatter_to_value(
+    grad_bags: Tensor, bags: _Bags, value_shape: torch.Size, shapes: list[tuple[int, int]], num_queries: int
+) -> Tensor:
+    """Value gradient: every corner's weight times its bag's gradient, summed per value row, without sorting 4 * N.
+
+    The four corners of a sample share its top-left corner, so per level the gradient is four shifted copies of
+    ``T_c = A_c^T @ grad_bags``, where ``A_c`` [top-left keys, Nb] holds corner ``c``'s weights and all four share
+    one sparsity pattern. Keys index a level's (h + 1) x (w + 1) map of top-left corners (offset by one, so
+    corners just left of or above the map have a key), per (level, image, head) segment. Sorting each segment's
+    ``Lq * P`` keys (a batched sort of short rows, cache resident) gives ``A^T`` in CSR form directly; its four
+    products are sparse-dense matmuls.
+
+    Args:
+        grad_bags: [Nb, Dh] gradient of each query-head's output, bags in (b, q, m) order.
+        bags: the ``_Bags`` of the forward, built ``for_backward``.
+        value_shape: (B, S, M, Dh).
+        shapes: (h, w) per level.
+        num_queries: Lq.
+
+    Returns:
+        [B, S, M, Dh] gradient of the value.
+    """
+    batch, total, num_heads, head_dim = value_shape
+    num_bags = grad_bags.shape[0]
+    num_levels = len(shapes)
+    num_samples = bags.weights.shape[-1]
+    num_points = num_samples // num_levels
+    device = grad_bags.device
+    areas = [(h + 1) * (w + 1) for h, w in shapes]  # top-left keys per level map
+    num_keys = batch * num_heads * sum(areas)
+    index_dtype = torch.int32 if max(num_keys, bags.weights.numel(), num_bags) < 2**31 else torch.int64
+    key_width = torch.tensor([w + 1 for _, w in shapes], dtype=index_dtype, device=device)
+    key_width = key_width.repeat_interleave(num_points)  # [K]
+    top_left = bags.top_left.to(index_dtype)  # [Nb, 2, K]
+    keys = top_left[:, 1].mul_(key_width).add_(top_left[:, 0])  # [Nb, K] key within the level's map
+    # Segments (level, image, head), each of Lq * P samples.
+    keys = keys.view(batch, num_queries, num_heads, num_levels, num_points).permute(3, 0, 2, 1, 4)
+    keys, order = keys.reshape(num_levels * batch * num_heads, num_queries * num_points).sort(1)  # [LBM, Lq*P]
+    level_start = [0]
+    for area in areas[:-1]:
+        level_start.append(level_start[-1] + batch * num_heads * area)
+    segment = torch.arange(batch * num_heads, dtype=index_dtype, device=device)  # [B*M] (b, m)
+    segment_start = (
+        torch.tensor(level_start, dtype=index_dtype, device=device)[:, None]
+        + segment * torch.tensor(areas, dtype=index_dtype, device=device)[:, None]
+    )  # [L, B*M] first key of each segment
+    keys = keys.view(num_levels, batch * num_heads, -1).add_(segment_start[:, :, None]).view(-1)  # [N] sorted
+    crow = torch.zeros(num_keys + 1, dtype=index_dtype, device=device)
+    torch.cumsum(torch.bincount(keys, minlength=num_keys), 0, out=crow[1:])  # [num_keys + 1]
+    # Corner weights in segment order: [Nb, 4, K] -> [4, L, B, M, Lq, P], gathered along each segment.
+    corner_weights = bags.weights.view(batch, num_queries, num_heads, 4, num_levels, num_points)
+    corner_weights = corner_weights.permute(3, 4, 0, 2, 1, 5).reshape(4, num_levels * batch * num_heads, -1)
+    corner_weights = corner_weights.gather(2, order.expand(4, -1, -1)).view(4, -1)  # [4, N] sorted
+    # Bag of each sorted sample: bag (b, q, m) = (b * Lq + q) * M + m, with q = order // P.
+    segment_bag = (segment // num_heads) * (num_queries * num_heads) + segment % num_heads  # [B*M]
+    columns = order.div_(num_points, rounding_mode="floor").to(index_dtype).mul_(num_heads)  # [LBM, Lq*P] q * M
+    columns = columns.view(num_levels, batch * num_heads, -1).add_(segment_bag[:, None]).view(-1)  # [N]
+    del order, keys
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        corners = [
+            torch.sparse_csr_tensor(crow, columns, corner_weights[c], size=(num_keys, num_bags), check_invariants=False)
+            @ grad_bags
+            for c in range(4)
+        ]  # 4 x [num_keys, Dh]: (x low, y low), (x high, y low), (x low, y high), (x high, y high)
+    grad_value = grad_bags.new_empty(value_shape)  # [B, S, M, Dh]
+    start = 0
+    for level, (height, width) in enumerate(shapes):
+        grad_level = grad_value[:, start : start + height * width].view(batch, height, width, num_heads, head_dim)
+        start += height * width
+        maps = [
+            corner[level_start[level] : level_start[level] + batch * num_heads * areas[level]]
+            .view(batch, num_heads, height + 1, width + 1, head_dim)
+            .permute(0, 2, 3, 1, 4)
+            for corner in corners
+        ]  # 4 x [B, h+1, w+1, M, Dh] indexed by top-left corner + 1
+        # Pixel (x, y) is corner (dx, dy) of the sample whose top-left corner + 1 is (x + 1 - dx, y + 1 - dy).
+        torch.add(maps[0][:, 1:, 1:], maps[1][:, 1:, :-1], out=grad_level)
+        grad_level.add_(maps[2][:, :-1, 1:]).add_(maps[3][:, :-1, :-1])
+    return grad_value
 
 
 def _level_values(value_t: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:

@@ -1,5 +1,5 @@
 """ms_deform_attn against an independent explicit bilinear sampler (float64), gradcheck and gradients against a
-plain grid_sample implementation for both training kernels, the recompute kernel's saved tensors, autocast, errors."""
+plain grid_sample implementation for every training kernel, the recompute kernel's saved tensors, autocast, errors."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def plain_grid_sample_reference(value, shapes, locations, weights):
     return out.reshape(batch, queries, heads * head_dim)
 
 
-@pytest.fixture(params=["recompute", "autograd"])
+@pytest.fixture(params=["gather", "recompute", "autograd"])
 def training_kernel(request, monkeypatch):
     monkeypatch.setattr(msda, "TRAINING_KERNEL", request.param)
     return request.param
@@ -172,3 +172,75 @@ def test_unknown_training_kernel(monkeypatch):
     value, locations, weights = random_inputs([(2, 2)])
     with pytest.raises(ValueError, match="TRAINING_KERNEL"):
         ms_deform_attn(value.requires_grad_(True), [(2, 2)], None, locations, weights)
+
+
+def reference_gradients(value, shapes, locations, weights, grad_out):
+    """Forward and the three gradients of the float64 explicit bilinear reference (autograd through it)."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in (value, locations, weights)]
+    out = bilinear_reference(inputs[0], shapes, inputs[1], inputs[2])
+    (out * grad_out).sum().backward()
+    return out.detach(), [t.grad for t in inputs]
+
+
+def kernel_gradients(value, shapes, locations, weights, grad_out):
+    inputs = [t.detach().clone().requires_grad_(True) for t in (value, locations, weights)]
+    out = ms_deform_attn(inputs[0], shapes, None, inputs[1], inputs[2])
+    (out * grad_out).sum().backward()
+    return out.detach(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize(
+    "shapes, batch", [([(1, 1), (2, 3)], 1), ([(5, 3), (1, 7), (4, 4)], 2), ([(6, 9), (3, 5), (2, 2), (1, 3)], 2)]
+)
+def test_gather_kernel_forward_and_gradients_match_reference(monkeypatch, shapes, batch):
+    # Tiny and non-square levels; samples on the map borders (0 and 1), just and far outside, and inside.
+    monkeypatch.setattr(msda, "TRAINING_KERNEL", "gather")
+    value, locations, weights = random_inputs(shapes, batch=batch, heads=2, head_dim=3, queries=9, points=4, seed=11)
+    special = torch.tensor([0.0, 1.0, -0.3, 1.7, -5.0, 0.999, 0.0001])
+    locations.view(-1)[: 7 * 40 : 40] = special.double()
+    locations[0, 0, 0, :, 0] = torch.tensor([0.0, 1.0], dtype=torch.float64)  # a corner of every level
+    grad_out = torch.randn(batch, 9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    out, grads = kernel_gradients(value, shapes, locations, weights, grad_out)
+    expected, expected_grads = reference_gradients(value, shapes, locations, weights, grad_out)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    for name, grad, expected_grad in zip(("value", "locations", "weights"), grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_gather_kernel_nan_locations_contribute_nothing(monkeypatch):
+    monkeypatch.setattr(msda, "TRAINING_KERNEL", "gather")
+    shapes = [(4, 5), (2, 3)]
+    value, locations, weights = random_inputs(shapes, batch=2, heads=2, head_dim=3, queries=6, points=2, seed=13)
+    nan = torch.rand(locations.shape[:-1], generator=torch.Generator().manual_seed(14)) < 0.3  # [B, Q, M, L, P]
+    nan_locations = locations.clone()
+    nan_locations[nan] = float("nan")
+    nan_locations[0, 0, 0, 0, 0, 0] = float("nan")  # only x of a sample
+    nan[0, 0, 0, 0, 0] = True
+    far = locations.clone()
+    far[nan] = 5.0  # far outside: contributes 0 with zero gradients, in the reference too
+    grad_out = torch.randn(2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    out, grads = kernel_gradients(value, shapes, nan_locations, weights, grad_out)
+    expected, expected_grads = reference_gradients(value, shapes, far, weights, grad_out)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=0)
+    assert grads[1][nan].abs().max() == 0
+
+
+def test_auto_kernel_is_gather_on_cpu_and_works_under_checkpoint(monkeypatch):
+    monkeypatch.setattr(msda, "TRAINING_KERNEL", "auto")
+    shapes = [(6, 9), (3, 5)]
+    value, locations, weights = random_inputs(shapes, seed=18)
+    inputs = [t.requires_grad_(True) for t in (value, locations, weights)]
+    out = ms_deform_attn(inputs[0], shapes, None, inputs[1], inputs[2])
+    assert "GatherSampleAndSum" in type(out.grad_fn).__name__
+    out.square().sum().backward()
+    plain = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    checkpointed = torch.utils.checkpoint.checkpoint(
+        lambda v, loc, w: ms_deform_attn(v, shapes, None, loc, w), *inputs, use_reentrant=False
+    )
+    checkpointed.square().sum().backward()
+    for t, expected in zip(inputs, plain):
+        torch.testing.assert_close(t.grad, expected, atol=1e-12, rtol=0)
