@@ -140,6 +140,7 @@ def _build_deformable_detr(m: ModelConfig, num_classes: int) -> nn.Module:
         two_stage=m.two_stage,
         exact_padding=m.exact_padding,
         activation_checkpointing=m.activation_checkpointing,
+        ffn_checkpointing=m.ffn_checkpointing,
     )
 
 

@@ -118,6 +118,7 @@ class ModelConfig:
     focal: bool | None = None  # sigmoid focal classification; None = the arch's default (deformable: yes)
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # Deformable-DETR: recompute encoder activations in backward (less memory)
+    ffn_checkpointing: bool = True  # Deformable-DETR: recompute only the encoder's feed-forward blocks in backward
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 

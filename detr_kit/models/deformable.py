@@ -185,6 +185,7 @@ class DeformableEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(hidden_dim)
+        self.ffn_checkpointing = False  # set by DeformableEncoder
 
     def forward(
         self,
@@ -199,9 +200,22 @@ class DeformableEncoderLayer(nn.Module):
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         training = self.training
         src = self.norm1(src + dropout(attended, self.dropout1.p, training))
-        hidden = relu_dropout(self.linear1(src), self.dropout2.p, training)  # [B, S, dim_feedforward]
-        src = self.norm2(src + dropout(self.linear2(hidden), self.dropout3.p, training))
-        return src
+        if self.ffn_checkpointing and training and torch.is_grad_enabled():
+            # Keep only the block's input; the [B, S, dim_feedforward] hidden is recomputed in backward (the same
+            # dropout mask: checkpoint restores the RNG state the mask is drawn from).
+            ffn = checkpoint(self._feed_forward, src, use_reentrant=False)
+        else:
+            ffn = self._feed_forward(src)
+        return self.norm2(src + dropout(ffn, self.dropout3.p, training))
+
+    def _feed_forward(self, src: Tensor) -> Tensor:
+        """[B, S, C] -> [B, S, C]: linear, ReLU, dropout, linear (in eval the ReLU runs in place)."""
+        hidden = self.linear1(src)  # [B, S, dim_feedforward]
+        if self.training:
+            hidden = relu_dropout(hidden, self.dropout2.p, True)
+        else:
+            hidden = hidden.relu_()  # a fresh tensor: no second [B, S, dim_feedforward] buffer
+        return self.linear2(hidden)
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -260,16 +274,26 @@ class DeformableDecoderLayer(nn.Module):
 class DeformableEncoder(nn.Module):
     """``num_layers`` copies of ``layer`` (post-norm: no final norm).
 
-    With ``activation_checkpointing`` each layer's activations are recomputed in the backward pass instead of
-    kept (``torch.utils.checkpoint``): the encoder runs on every pixel of every level, so this is where most of
-    a training step's memory goes (Deformable-DETR at 2x512x512 on CPU: peak RSS 0.54x of Hugging Face's
-    instead of 0.84x, for a ~40 % slower step; docs/benchmarks.md).
+    The encoder runs on every pixel of every level, so this is where most of a training step's memory goes. Two
+    ways to keep less of it for backward (``torch.utils.checkpoint``; docs/benchmarks.md has the measurements):
+
+    - ``ffn_checkpointing``: recompute only each layer's feed-forward block, whose [B, S, dim_feedforward]
+      hidden is the largest tensor a layer keeps (one extra ``linear1`` and ReLU-dropout per layer in backward).
+    - ``activation_checkpointing``: recompute whole layers (the least memory, the slowest step).
     """
 
-    def __init__(self, layer: DeformableEncoderLayer, num_layers: int, activation_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        layer: DeformableEncoderLayer,
+        num_layers: int,
+        activation_checkpointing: bool = False,
+        ffn_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.activation_checkpointing = activation_checkpointing
+        for each in self.layers:
+            each.ffn_checkpointing = ffn_checkpointing and not activation_checkpointing  # whole layers cover it
 
     def forward(
         self,
@@ -418,6 +442,7 @@ class DeformableTransformer(nn.Module):
             encoder proposals), or None. The decoder owns them; they are not re-initialised here.
         class_embed: two-stage: D + 1 class heads (entry D scores the encoder proposals), else None.
         activation_checkpointing: recompute encoder activations in backward (less memory, slower step).
+        ffn_checkpointing: recompute only the encoder's feed-forward blocks in backward (see DeformableEncoder).
 
     Raises:
         ValueError: for inconsistent sizes or missing two-stage heads.
@@ -439,6 +464,7 @@ class DeformableTransformer(nn.Module):
         bbox_embed: Sequence[nn.Module] | None = None,
         class_embed: Sequence[nn.Module] | None = None,
         activation_checkpointing: bool = False,
+        ffn_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_encoder_layers < 1 or num_decoder_layers < 1:
@@ -460,7 +486,7 @@ class DeformableTransformer(nn.Module):
         self.num_proposals = num_proposals
         encoder_layer = DeformableEncoderLayer(hidden_dim, dim_feedforward, dropout, num_feature_levels, num_heads, enc_points)
         decoder_layer = DeformableDecoderLayer(hidden_dim, dim_feedforward, dropout, num_feature_levels, num_heads, dec_points)
-        self.encoder = DeformableEncoder(encoder_layer, num_encoder_layers, activation_checkpointing)
+        self.encoder = DeformableEncoder(encoder_layer, num_encoder_layers, activation_checkpointing, ffn_checkpointing)
         self.decoder = DeformableDecoder(decoder_layer, num_decoder_layers, bbox_embed, class_embed if two_stage else None)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
         if two_stage:

@@ -75,6 +75,8 @@ class DeformableDETR(nn.Module):
             changed at any time (the evaluator turns it on).
         activation_checkpointing: recompute the encoder's activations in the backward pass (training memory
             down, step time up; see DeformableEncoder).
+        ffn_checkpointing: recompute only the encoder's feed-forward blocks in the backward pass (see
+            DeformableEncoder).
 
     Raises:
         ValueError: for non-positive sizes, too few backbone levels or ``two_stage`` without ``box_refine``.
@@ -100,6 +102,7 @@ class DeformableDETR(nn.Module):
         two_stage: bool = False,
         exact_padding: bool = False,
         activation_checkpointing: bool = False,
+        ffn_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1 or num_queries < 1 or num_feature_levels < 1:
@@ -185,6 +188,7 @@ class DeformableDETR(nn.Module):
             bbox_embed=list(self.bbox_embed) if box_refine else None,
             class_embed=list(self.class_embed) if two_stage else None,
             activation_checkpointing=activation_checkpointing,
+            ffn_checkpointing=ffn_checkpointing,
         )
 
     def _project(self, index: int, x: Tensor, mask: Tensor) -> Tensor:

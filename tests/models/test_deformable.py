@@ -223,3 +223,21 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ffn_checkpointing_keeps_no_feed_forward_hidden_for_backward():
+    from detr_kit.models.deformable import DeformableEncoder, DeformableEncoderLayer
+
+    layer = DeformableEncoderLayer(16, 48, 0.1, num_levels=2, num_heads=2, num_points=2)
+    shapes, level_start_index = [(4, 4), (2, 2)], torch.tensor([0, 16])
+    src, pos, reference_points = torch.randn(2, 20, 16, requires_grad=True), torch.randn(2, 20, 16), torch.rand(2, 20, 2, 2)
+    kept = {}
+    for ffn in (False, True):
+        encoder = DeformableEncoder(layer, 2, ffn_checkpointing=ffn).train()
+        shapes_kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes_kept.append(tuple(t.shape)) or t, lambda t: t):
+            out = encoder(src, pos, reference_points, shapes, level_start_index, None)
+        out.sum().backward()  # the recomputation runs here, outside the hooks
+        kept[ffn] = shapes_kept
+    assert (2, 20, 48) in kept[False]  # the [B, S, dim_feedforward] hidden of each layer
+    assert (2, 20, 48) not in kept[True]

@@ -221,8 +221,12 @@ def test_checkpoint_recomputes_the_same_masks():
 def test_deformable_encoder_checkpointing_matches_plain_encoder():
     torch.manual_seed(0)
     layer = DeformableEncoderLayer(16, 32, 0.3, num_levels=2, num_heads=2, num_points=2)
-    encoders = [DeformableEncoder(layer, 2, activation_checkpointing=flag).train() for flag in (False, True)]
-    encoders[1].load_state_dict(encoders[0].state_dict())
+    encoders = [
+        DeformableEncoder(layer, 2, activation_checkpointing=whole, ffn_checkpointing=ffn).train()
+        for whole, ffn in ((False, False), (True, False), (False, True))
+    ]  # plain, whole layers recomputed, feed-forward blocks recomputed
+    for encoder in encoders[1:]:
+        encoder.load_state_dict(encoders[0].state_dict())
     shapes = [(4, 4), (2, 2)]
     level_start_index = torch.tensor([0, 16])
     src = torch.randn(2, 20, 16)
@@ -234,8 +238,9 @@ def test_deformable_encoder_checkpointing_matches_plain_encoder():
         inputs = src.clone().requires_grad_()
         out = encoder(inputs, pos, reference_points, shapes, level_start_index, None)
         grads.append(torch.autograd.grad(out.square().sum(), (inputs, *encoder.parameters())))
-    for plain, recomputed in zip(*grads):
-        torch.testing.assert_close(recomputed, plain)
+    for plain, *recomputed in zip(*grads):
+        for each in recomputed:
+            torch.testing.assert_close(each, plain)
 
 
 # ------------------------------------------------------------------------------------------------ dtypes, layers
