@@ -10,8 +10,9 @@ Two implementations share the semantics (bilinear, zero padding, ``align_corners
   value stays in its natural ``[B*S*M, Dh]`` row layout (no transpose); each query-head pair is one bag of
   ``4 * L * P`` rows (the four bilinear corners of every sample) whose weights are the bilinear weights times the
   attention weight, zeroed outside the map. Bags come out in ``[B, Lq, M]`` order, so the result is already
-  ``[B, Lq, M*Dh]``. The index and weight tensors are built with a handful of vectorised ops over
-  ``[B*Lq*M, 2, L*P]`` (contiguous inner dimension, no per-level Python work).
+  ``[B, Lq, M*Dh]``. The bags are built and summed in cache-sized chunks (``_pair_bags``: float-only ops on
+  axis-major planes, no boolean masks, no per-level Python work); the gather kernel's backward rebuilds them for
+  all bags at once with the per-axis masks it needs (``_bilinear_bags``).
 * **training**: three kernels, chosen by the module-level switch ``TRAINING_KERNEL`` (``"auto"``, the default,
   picks ``"gather"`` on the CPU and ``"recompute"`` on other devices):
 
@@ -231,19 +232,130 @@ def _bilinear_bags(
     )
 
 
+class _PairLayout(NamedTuple):
+    """Per-sample constants of the inference bags (``_pair_bags``), shared by every chunk; axis-major (x; y)."""
+
+    sizes: Tensor  # [2, 1, K] (w; h) of each sample's level, in the value's dtype
+    offsets: Tensor  # [2, 1, K] -0.5: pixel centres sit at integers + 0.5
+    zeros: Tensor  # [2, 1, K] 0, the lower bound of the pair's first pixel
+    last_first: Tensor  # [2, 1, K] max(size - 2, 0), the upper bound of the pair's first pixel
+    second_cap: Tensor  # [2, 1, K] 1 where size > 1, else 0: the pair's second pixel exists
+    strides: Tensor  # [2, 1, K] table rows per pixel along x (M) and y (w * M), index dtype
+    steps: Tensor  # [2, K] rows from the pair's first to its second pixel (the stride, 0 where size == 1)
+    level_rows: Tensor  # [K] first row of each sample's level (level start * M), index dtype
+    bag_rows: Tensor  # [Nb] row of (image b, head m) of each bag: b * S * M + m, index dtype
+
+
+def _pair_layout(
+    value_shape: torch.Size, shapes: list[tuple[int, int]], num_queries: int, num_points: int, dtype: torch.dtype,
+    device: torch.device,
+) -> _PairLayout:
+    """The constants ``_pair_bags`` needs for a value of ``value_shape`` and ``num_queries`` queries."""
+    batch, total, num_heads, _ = value_shape
+    index_dtype = torch.int32 if batch * total * num_heads < 2**31 else torch.int64
+    sizes = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], dtype=dtype, device=device)  # [2, L]
+    sizes = sizes.repeat_interleave(num_points, 1)[:, None]  # [2, 1, K]
+    strides = torch.tensor(
+        [[num_heads for _ in shapes], [w * num_heads for _, w in shapes]], dtype=index_dtype, device=device
+    ).repeat_interleave(num_points, 1)[:, None]  # [2, 1, K]
+    starts, offset = [], 0
+    for height, width in shapes:
+        starts.append(offset * num_heads)
+        offset += height * width
+    level_rows = torch.tensor(starts, dtype=index_dtype, device=device).repeat_interleave(num_points)  # [K]
+    bag = torch.arange(batch * num_queries * num_heads, dtype=index_dtype, device=device)  # [Nb], (b, q, m) order
+    bag_rows = bag.div(num_queries * num_heads, rounding_mode="floor").mul_(total * num_heads).add_(bag % num_heads)
+    has_second = sizes > 1  # [2, 1, K]
+    return _PairLayout(
+        sizes,
+        torch.full_like(sizes, -0.5),
+        torch.zeros_like(sizes),
+        (sizes - 2).clamp_(min=0),
+        has_second.to(dtype),
+        strides,
+        (strides * has_second)[:, 0],
+        level_rows,
+        bag_rows,
+    )
+
+
+def _pair_bags(layout: _PairLayout, locations: Tensor, attention: Tensor, bag_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Corner rows and weights of a run of bags for the inference path, without boolean masks.
+
+    Per axis every sample reads a pair of adjacent pixels ``(first, first + 1)`` with ``first`` the lower
+    corner clamped to ``0..size - 2``, weighted by the bilinear hat ``max(0, 1 - |pixel - corner|)``. Inside the
+    map this is the usual bilinear pair; near or beyond a border the pair stays in the map and the hat gives
+    the pixels outside the sample's reach weight 0, which is exactly zero padding (a level of size 1 has no
+    second pixel: its weight is capped at 0 and its row is the first's). On the CPU, comparisons and masked
+    writes (bool tensors) and strided inner loops are several times slower than contiguous float ops, so the
+    (x, y) pairs are split into axis-major planes once, by one transposing copy.
+
+    Args:
+        layout: the constants from ``_pair_layout``.
+        locations: [n, K, 2] (x, y) in 0..1 of each bag's samples, in the value's dtype.
+        attention: [n, K] attention weight of each sample.
+        bag_rows: [n] row of each bag's (image, head) in the value table (a slice of ``layout.bag_rows``).
+
+    Returns:
+        indices [n, 4, K] rows of the value table and weights [n, 4, K] (bilinear weight times attention weight),
+        corners ordered (x first, y first), (x second, y first), (x first, y second), (x second, y second).
+    """
+    num_bags, num_samples, _ = locations.shape
+    pixels = locations.new_empty(2, num_bags, num_samples).copy_(locations.permute(2, 0, 1))  # [2, n, K] (x; y)
+    torch.addcmul(layout.offsets, pixels, layout.sizes, out=pixels)  # [2, n, K] in pixels
+    # NaN samples land on pixel -2, two pixels outside the map (weight 0); +-inf become finite, far outside.
+    pixels.nan_to_num_(nan=-2.0)
+    first = torch.clamp(pixels.floor(), layout.zeros, layout.last_first)  # [2, n, K] first pixel of the pair
+    distance = pixels.sub_(first)  # [2, n, K] pixel - first, any sign
+    weight_first = torch.abs(distance).clamp_(max=1.0).neg_().add_(1.0)  # [2, n, K] max(0, 1 - |d|)
+    weight_second = distance.sub_(1.0).abs_().clamp_(max=1.0).neg_().add_(1.0).mul_(layout.second_cap)  # [2, n, K]
+
+    y_first = weight_first[1].mul_(attention)  # [n, K]
+    y_second = weight_second[1].mul_(attention)  # [n, K]
+    weights = attention.new_empty(num_bags, 4, num_samples)  # [n, 4, K]
+    torch.mul(weight_first[0], y_first, out=weights[:, 0])
+    torch.mul(weight_second[0], y_first, out=weights[:, 1])
+    torch.mul(weight_first[0], y_second, out=weights[:, 2])
+    torch.mul(weight_second[0], y_second, out=weights[:, 3])
+
+    offsets = first.to(layout.strides.dtype).mul_(layout.strides)  # [2, n, K] row offsets along x and y
+    row_first = offsets[1].add_(layout.level_rows).add_(bag_rows[:, None])  # [n, K]
+    row_second = row_first + layout.steps[1]  # [n, K]
+    indices = offsets.new_empty(num_bags, 4, num_samples)  # [n, 4, K]
+    torch.add(row_first, offsets[0], out=indices[:, 0])
+    torch.add(indices[:, 0], layout.steps[0], out=indices[:, 1])
+    torch.add(row_second, offsets[0], out=indices[:, 2])
+    torch.add(indices[:, 2], layout.steps[0], out=indices[:, 3])
+    return indices, weights
+
+
+_CHUNK_SAMPLES = 65536
+"""Samples per chunk of the inference path: the intermediates of a chunk stay in the CPU's cache."""
+
+
 def _gather_and_sum(
     value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
 ) -> Tensor:
-    """The inference path: every sample's four bilinear corners as one weighted ``embedding_bag`` per query-head."""
+    """The inference path: every sample's four bilinear corners as one weighted ``embedding_bag`` per query-head.
+
+    The bags are built and summed in chunks of about ``_CHUNK_SAMPLES`` samples, so the corner rows and weights
+    never exist for all bags at once (no large fresh tensors to page in, no passes over main memory).
+    """
     batch, total, num_heads, head_dim = value.shape
-    num_queries = sampling_locations.shape[1]
-    bags = _bilinear_bags(value.shape, shapes, sampling_locations, attention_weights, value.dtype)
-    out = F.embedding_bag(
-        bags.indices.view(batch * num_queries * num_heads, -1),
-        value.reshape(batch * total * num_heads, head_dim),
-        per_sample_weights=bags.weights.view(batch * num_queries * num_heads, -1),
-        mode="sum",
-    )  # [Nb, Dh], bags in (b, q, m) order
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    num_bags, num_samples = batch * num_queries * num_heads, num_levels * num_points
+    layout = _pair_layout(value.shape, shapes, num_queries, num_points, value.dtype, value.device)
+    table = value.reshape(batch * total * num_heads, head_dim)  # [B*S*M, Dh]
+    locations = sampling_locations.to(value.dtype).reshape(num_bags, num_samples, 2)  # [Nb, K, 2] (x, y)
+    attention = attention_weights.to(value.dtype).reshape(num_bags, num_samples)  # [Nb, K]
+    out = value.new_empty(num_bags, head_dim)  # [Nb, Dh], bags in (b, q, m) order
+    chunk = max(1, _CHUNK_SAMPLES // num_samples)
+    for start in range(0, num_bags, chunk):
+        stop = min(start + chunk, num_bags)
+        indices, weights = _pair_bags(layout, locations[start:stop], attention[start:stop], layout.bag_rows[start:stop])
+        out[start:stop] = F.embedding_bag(
+            indices.view(stop - start, -1), table, per_sample_weights=weights.view(stop - start, -1), mode="sum"
+        )  # [n, Dh]
     return out.view(batch, num_queries, num_heads * head_dim)  # [B, Lq, M*Dh]
 
 

@@ -244,3 +244,29 @@ def test_auto_kernel_is_gather_on_cpu_and_works_under_checkpoint(monkeypatch):
     checkpointed.square().sum().backward()
     for t, expected in zip(inputs, plain):
         torch.testing.assert_close(t.grad, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_samples", [1, 20, 10**9])
+def test_inference_chunks_borders_size_one_levels_and_non_finite_locations(monkeypatch, chunk_samples):
+    # Size-1 levels (no second pixel per axis), samples at and beyond every border, NaN and +-inf locations,
+    # bags split into ragged chunks (1 bag, 20 // K bags, all at once): all against the float64 reference.
+    monkeypatch.setattr(msda, "_CHUNK_SAMPLES", chunk_samples)
+    shapes = [(5, 7), (1, 4), (3, 1), (1, 1)]
+    value, locations, weights = random_inputs(shapes, batch=2, heads=2, head_dim=3, queries=9, points=3, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    edges = torch.tensor([-0.6, -0.5, 0.0, 1e-7, 0.5, 1.0 - 1e-7, 1.0, 1.4, 1.6], dtype=torch.float64)
+    locations[0, :, 0] = edges[torch.randint(0, 9, locations[0, :, 0].shape, generator=gen)]
+    bad = torch.rand(locations.shape[:-1], generator=gen) < 0.2  # [B, Q, M, L, P]
+    far = locations.clone()
+    far[bad] = 5.0  # far outside: the reference gives 0
+    odd = locations.clone()
+    odd[bad] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)[
+        torch.randint(0, 3, (int(bad.sum()), 1), generator=gen)
+    ]
+    odd[0, 0, 0, 0, 0, 0], far[0, 0, 0, 0, 0] = float("nan"), 5.0  # only x is NaN
+    with torch.no_grad():
+        out = ms_deform_attn(value, shapes, None, odd, weights)
+    torch.testing.assert_close(out, bilinear_reference(value, shapes, far, weights), atol=1e-12, rtol=0)
+    with torch.inference_mode():
+        out32 = ms_deform_attn(value.float(), shapes, None, locations.float(), weights.float())
+    torch.testing.assert_close(out32.double(), bilinear_reference(value, shapes, locations, weights), atol=1e-5, rtol=0)
