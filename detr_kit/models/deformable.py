@@ -210,11 +210,8 @@ class DeformableEncoderLayer(nn.Module):
 
     def _feed_forward(self, src: Tensor) -> Tensor:
         """[B, S, C] -> [B, S, C]: linear, ReLU, dropout, linear (in eval the ReLU runs in place)."""
-        hidden = self.linear1(src)  # [B, S, dim_feedforward]
-        if self.training:
-            hidden = relu_dropout(hidden, self.dropout2.p, True)
-        else:
-            hidden = hidden.relu_()  # a fresh tensor: no second [B, S, dim_feedforward] buffer
+        # linear1's output is fresh and read by nothing else: ReLU and dropout overwrite it (no second buffer)
+        hidden = relu_dropout(self.linear1(src), self.dropout2.p, self.training, inplace=True)  # [B, S, dim_ff]
         return self.linear2(hidden)
 
 
@@ -266,7 +263,7 @@ class DeformableDecoderLayer(nn.Module):
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
         )
         tgt = self.norm1(tgt + dropout(attended, self.dropout1.p, training))
-        hidden = relu_dropout(self.linear1(tgt), self.dropout3.p, training)  # [B, Q, dim_feedforward]
+        hidden = relu_dropout(self.linear1(tgt), self.dropout3.p, training, inplace=True)  # [B, Q, dim_feedforward]
         tgt = self.norm3(tgt + dropout(self.linear2(hidden), self.dropout4.p, training))
         return tgt
 

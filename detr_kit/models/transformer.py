@@ -108,7 +108,7 @@ class TransformerEncoderLayer(nn.Module):
         q = _with_pos(src, pos)  # [B, S, C]
         training = self.training
         src = self.norm1(src + dropout(self.self_attn(q, q, src, key_padding_mask=mask), self.dropout1.p, training))
-        hidden = relu_dropout(self.linear1(src), self.dropout.p, training)  # [B, S, dim_feedforward]
+        hidden = relu_dropout(self.linear1(src), self.dropout.p, training, inplace=True)  # [B, S, dim_feedforward]
         src = self.norm2(src + dropout(self.linear2(hidden), self.dropout2.p, training))
         return src
 
@@ -158,7 +158,7 @@ class TransformerDecoderLayer(nn.Module):
         tgt = self.norm1(tgt + dropout(self.self_attn(q, q, tgt), self.dropout1.p, training))
         attended = self.multihead_attn(_with_pos(tgt, query_pos), _with_pos(memory, pos), memory, key_padding_mask=memory_mask)
         tgt = self.norm2(tgt + dropout(attended, self.dropout2.p, training))  # [B, Q, C]
-        hidden = relu_dropout(self.linear1(tgt), self.dropout.p, training)  # [B, Q, dim_feedforward]
+        hidden = relu_dropout(self.linear1(tgt), self.dropout.p, training, inplace=True)  # [B, Q, dim_feedforward]
         tgt = self.norm3(tgt + dropout(self.linear2(hidden), self.dropout3.p, training))
         return tgt
 

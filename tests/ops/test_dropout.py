@@ -161,6 +161,24 @@ def test_relu_dropout_gradient_matches_plain_reference(p):
     assert torch.autograd.gradcheck(run, (x,))
 
 
+def test_inplace_relu_dropout_overwrites_its_input_with_the_same_result_and_gradient():
+    p, shape = 0.3, (3, 7, 11)
+    keep = seeded(lambda x: relu_dropout(x, p, training=True, inplace=True), seed=5)(torch.ones(shape)) != 0
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    hidden = x * 1.0  # a fresh non-leaf, as a Linear's output
+    torch.manual_seed(5)
+    y = relu_dropout(hidden, p, training=True, inplace=True)
+    assert y.data_ptr() == hidden.data_ptr()  # no second buffer
+    torch.testing.assert_close(y, x.detach().clamp(min=0) * keep / (1 - p))
+    (grad_x,) = torch.autograd.grad(y, x, grad_out)
+    torch.testing.assert_close(grad_x, grad_out * ((x.detach() > 0) & keep) / (1 - p))
+    evaluated = torch.randn(shape)
+    expected = evaluated.clamp(min=0)
+    assert torch.equal(relu_dropout(evaluated, p, training=False, inplace=True), expected)
+    assert torch.equal(evaluated, expected)  # eval mode: ReLU in place
+
+
 def test_relu_dropout_output_modified_in_place_is_an_error():
     x = torch.randn(6, 6, requires_grad=True)
     y = relu_dropout(x, 0.3, training=True)
