@@ -6,7 +6,9 @@ it is written for speed:
 
 Two implementations share the semantics (bilinear, zero padding, ``align_corners=False``):
 
-* **inference** (no input needs a gradient): one ``F.embedding_bag`` call for all levels, heads and points. The
+* **inference** (no input needs a gradient) on the CPU: one ``F.embedding_bag`` call for all levels, heads and
+  points (other devices run the ``grid_sample`` forward described under training: its Python loop is per level,
+  while the gather's chunk loop would launch many small GPU kernels). The
   value stays in its natural ``[B*S*M, Dh]`` row layout (no transpose); each query-head pair is one bag of
   ``4 * L * P`` rows (the four bilinear corners of every sample) whose weights are the bilinear weights times the
   attention weight, zeroed outside the map. Bags come out in ``[B, Lq, M]`` order, so the result is already
@@ -130,6 +132,10 @@ def _sample_and_sum(
         if kernel == "autograd":
             return _grid_sample_and_sum(value, shapes, sampling_locations, attention_weights)
         raise ValueError(f"ms_deform_attn.TRAINING_KERNEL must be one of {_TRAINING_KERNELS}, got {TRAINING_KERNEL!r}")
+    if value.device.type != "cpu":
+        # On a GPU one grid_sample per level beats the chunked gather, whose Python loop launches many small
+        # kernels (H100, Deformable-DETR at 800x1066: 0.10 s per image with the gather; docs/benchmarks.md).
+        return _grid_sample_and_sum(value, shapes, sampling_locations, attention_weights)
     return _gather_and_sum(value, shapes, sampling_locations, attention_weights)
 
 
