@@ -57,6 +57,41 @@ def test_load_torchvision_state_dict_from_file(tmp_path):
         ResNetBackbone("resnet18", weights="NOT_A_WEIGHTS_NAME")
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_folded_frozen_norms_match_torchvision_with_batchnorm_in_float64(name):
+    """Frozen norms folded into the convolutions: same features and gradients as torchvision's ResNet with plain
+    BatchNorm2d in eval mode (an independent reference), both where the fold applies (frozen stages, no grad) and
+    where it must not (trained weights keep the two-step form)."""
+    reference = randomize_norms(getattr(torchvision.models, name)()).double().eval()
+    backbone = ResNetBackbone(name, return_strides=(32,), trainable_stages=3).double()
+    backbone.body.load_state_dict(reference.state_dict(), strict=False)
+    assert all(m.folded for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d))
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+
+    def plain(net, images):
+        stem = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(stem))))
+
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.eval()(x)[0].features, plain(reference, x))
+    backbone.train()
+    reference.requires_grad_(False)
+    for stage in ("layer2", "layer3", "layer4"):
+        getattr(reference, stage).requires_grad_(True)
+    for module in reference.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.requires_grad_(False)  # frozen, as FrozenBatchNorm2d's buffers
+    backbone(x)[0].features.square().sum().backward()
+    plain(reference, x).square().sum().backward()
+    ours = dict(backbone.body.named_parameters())
+    for key, param in reference.named_parameters():
+        if key.startswith("fc.") or not param.requires_grad:
+            continue
+        assert (ours[key].grad is None) == (param.grad is None), key
+        if param.grad is not None:
+            torch.testing.assert_close(ours[key].grad, param.grad, msg=key)
+
+
 def test_levels_channels_strides_and_masks():
     backbone = ResNetBackbone("resnet18", return_strides=(8, 16, 32), norm="bn").eval()
     assert backbone.channels == (128, 256, 512) and backbone.strides == (8, 16, 32)

@@ -46,18 +46,71 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self.folded = False  # True once fold_frozen_norms made the preceding convolution apply this norm
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: ANN001
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, C, H, W]
+    def scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        """The per-channel affine map this norm applies: ``x * scale + shift``, each [C]."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()  # [C]
-        shift = self.bias - self.running_mean * scale  # [C]
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, C, H, W]
+        if self.folded:
+            return x  # the convolution before it applied it
+        scale, shift = self.scale_and_shift()
         return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])  # one pass over x
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}" + (", folded into the preceding conv" if self.folded else "")
+
+
+class _ConvFrozenNorm(nn.Conv2d):
+    """A bias-free Conv2d that also applies the FrozenBatchNorm2d after it (which then passes its input through).
+
+    The norm is affine, so ``norm(conv(x, W)) == conv(x, W * scale) + shift``: one convolution with a scaled weight
+    instead of a convolution and a full pass over its output. That form is used when the weight needs no gradient
+    or autograd is off (frozen stages, evaluation, inference); a weight being trained keeps the two-step form, so
+    that no scaled copy of it is kept for backward. The conv and the norm keep their modules and state-dict keys;
+    the conv holds a plain (unregistered) reference to the norm.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C_in, H, W] -> [B, C_out, H', W']
+        scale, shift = self.__dict__["frozen_norm"].scale_and_shift()  # [C_out] each
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            return torch.addcmul(shift[None, :, None, None], super().forward(x), scale[None, :, None, None])
+        weight = self.weight * scale.view(-1, 1, 1, 1)  # [C_out, C_in, k, k], the conv's memory format
+        return F.conv2d(x, weight, shift, self.stride, self.padding, self.dilation, self.groups)
+
+
+def fold_frozen_norms(body: nn.Module) -> int:
+    """Make every bias-free convolution of a torchvision ResNet apply the FrozenBatchNorm2d that follows it.
+
+    Pairs: the stem's ``conv1``/``bn1``, each block's ``convN``/``bnN`` and ``downsample`` (conv, norm). Outputs
+    are unchanged up to float rounding; see ``_ConvFrozenNorm``.
+
+    Returns:
+        The number of pairs folded.
+    """
+    pairs = []
+    for module in body.modules():
+        for index in (1, 2, 3):
+            conv, norm = getattr(module, f"conv{index}", None), getattr(module, f"bn{index}", None)
+            if conv is not None and norm is not None:
+                pairs.append((conv, norm))
+        downsample = getattr(module, "downsample", None)
+        if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
+            pairs.append((downsample[0], downsample[1]))
+    folded = 0
+    for conv, norm in pairs:
+        if type(conv) is nn.Conv2d and conv.bias is None and type(norm) is FrozenBatchNorm2d and not norm.folded:
+            conv.__class__ = _ConvFrozenNorm
+            conv.__dict__["frozen_norm"] = norm  # not a submodule: the norm stays where its keys are
+            norm.folded = True
+            folded += 1
+    return folded
 
 
 class LoadReport(NamedTuple):
@@ -209,6 +262,8 @@ class ResNetBackbone(nn.Module):
         for index in range(max(self.stage_indices) + 1, len(_STAGES)):
             delattr(body, _STAGES[index])  # stages deeper than the deepest returned one would never run
         self.body = body
+        if norm == "frozen_bn":
+            fold_frozen_norms(body)
 
         self.load_report: LoadReport | None = None
         if weights is not None:
@@ -291,4 +346,4 @@ def _select_stages(return_strides: tuple[int, ...], stage_strides: tuple[int, ..
     return tuple(indices)
 
 
-__all__ = ["FrozenBatchNorm2d", "LoadReport", "ResNetBackbone", "load_resnet_state_dict", "read_state_dict"]
+__all__ = ["FrozenBatchNorm2d", "LoadReport", "ResNetBackbone", "fold_frozen_norms", "load_resnet_state_dict", "read_state_dict"]
