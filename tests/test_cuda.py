@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from references import bilinear_reference
+from tiny_models import TINY_DEFORMABLE, TINY_DETR
 
 from detr_kit.build import build_model
 from detr_kit.config import load_config
@@ -31,34 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 TINY_ENGINE = ROOT / "tests" / "engine" / "tiny.yaml"
 CUDA = torch.device("cuda")
-TINY_DEFORMABLE = [
-    "model.num_classes=3",
-    "model.backbone.weights=null",
-    "model.backbone.name=resnet18",
-    "model.backbone.norm=bn",
-    "model.hidden_dim=64",
-    "model.num_heads=4",
-    "model.num_encoder_layers=2",
-    "model.num_decoder_layers=2",
-    "model.dim_feedforward=128",
-    "model.num_queries=20",
-    "model.num_proposals=20",
-    "model.num_feature_levels=3",
-    "model.dropout=0.0",
-]
-TINY_DETR = [
-    "model.num_classes=3",
-    "model.backbone.weights=null",
-    "model.backbone.name=resnet18",
-    "model.backbone.norm=bn",
-    "model.hidden_dim=64",
-    "model.num_heads=4",
-    "model.num_encoder_layers=2",
-    "model.num_decoder_layers=2",
-    "model.dim_feedforward=128",
-    "model.num_queries=20",
-    "model.dropout=0.0",
-]
 
 
 @pytest.fixture(autouse=True)

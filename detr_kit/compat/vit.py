@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import Tensor
 
-from detr_kit.models.backbone.resnet import LoadReport, read_state_dict
+from detr_kit.models.backbone.resnet import LoadReport, match_state_dict, read_state_dict
 from detr_kit.models.backbone.vit import resize_position_embedding
 
 if TYPE_CHECKING:
@@ -143,15 +143,7 @@ def load_vit_weights(backbone: ViTBackbone, source: str | Path | Mapping[str, Te
         state_dict.pop("cls_token", None)
 
     own = {k: v for k, v in backbone.state_dict().items() if not k.startswith("pyramid.")}
-    usable: dict[str, Tensor] = {}
-    unexpected, mismatched = [], []
-    for key, value in state_dict.items():
-        if key not in own:
-            unexpected.append(key)
-        elif own[key].shape != value.shape:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
-        else:
-            usable[key] = value
+    usable, unexpected, mismatched = match_state_dict(state_dict, own)
     name = source if isinstance(source, (str, Path)) else "the state dict"
     if mismatched or not usable:
         raise ValueError(

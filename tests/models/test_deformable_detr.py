@@ -12,23 +12,10 @@ from detr_kit.build import build_criterion, build_model
 from detr_kit.config import load_config
 from detr_kit.models.deformable import MSDeformAttn
 from detr_kit.structures import Target
+from tiny_models import TINY_DEFORMABLE
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-TINY = [
-    "model.num_classes=3",
-    "model.backbone.weights=null",
-    "model.backbone.name=resnet18",
-    "model.backbone.norm=bn",
-    "model.hidden_dim=64",
-    "model.num_heads=4",
-    "model.num_encoder_layers=2",
-    "model.num_decoder_layers=2",
-    "model.dim_feedforward=128",
-    "model.num_queries=20",
-    "model.num_proposals=20",
-    "model.num_feature_levels=3",
-    "model.dropout=0.0",
-]
+TINY = TINY_DEFORMABLE
 
 
 def build(name: str, overrides: list[str]):

@@ -157,6 +157,27 @@ def read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, Tensor]
     return {k: v for k, v in source.items() if isinstance(v, Tensor)}
 
 
+def match_state_dict(
+    state_dict: Mapping[str, Tensor], own: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """Sort a checkpoint's entries against a model's own state dict.
+
+    Returns:
+        ``(usable, unexpected, mismatched)``: the entries whose key and shape fit, the keys the model does not
+        have, and ``"key: checkpoint (shape) vs model (shape)"`` for keys whose shapes differ.
+    """
+    usable: dict[str, Tensor] = {}
+    unexpected, mismatched = [], []
+    for key, value in state_dict.items():
+        if key not in own:
+            unexpected.append(key)
+        elif own[key].shape != value.shape:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        else:
+            usable[key] = value
+    return usable, unexpected, mismatched
+
+
 def load_resnet_state_dict(body: nn.Module, state_dict: Mapping[str, Tensor]) -> LoadReport:
     """Copy a torchvision ResNet state dict into ``body``, ignoring ``fc.*`` and ``num_batches_tracked``.
 
@@ -171,17 +192,12 @@ def load_resnet_state_dict(body: nn.Module, state_dict: Mapping[str, Tensor]) ->
     """
     own = body.state_dict()
     dropped = tuple(f"{name}." for name in ("layer1", "layer2", "layer3", "layer4") if not hasattr(body, name))
-    usable: dict[str, Tensor] = {}
-    unexpected, mismatched = [], []
-    for key, value in state_dict.items():
-        if key.startswith("fc.") or key.endswith("num_batches_tracked") or key.startswith(dropped):
-            continue
-        if key not in own:
-            unexpected.append(key)
-        elif own[key].shape != value.shape:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
-        else:
-            usable[key] = value
+    kept = {
+        key: value
+        for key, value in state_dict.items()
+        if not (key.startswith("fc.") or key.endswith("num_batches_tracked") or key.startswith(dropped))
+    }
+    usable, unexpected, mismatched = match_state_dict(kept, own)
     missing = [key for key in own if key not in usable and not key.endswith("num_batches_tracked")]
     missing = [key for key in missing if not any(m.startswith(key + ":") for m in mismatched)]
     body.load_state_dict(usable, strict=False)
@@ -346,4 +362,4 @@ def _select_stages(return_strides: tuple[int, ...], stage_strides: tuple[int, ..
     return tuple(indices)
 
 
-__all__ = ["FrozenBatchNorm2d", "LoadReport", "ResNetBackbone", "fold_frozen_norms", "load_resnet_state_dict", "read_state_dict"]
+__all__ = ["FrozenBatchNorm2d", "LoadReport", "ResNetBackbone", "fold_frozen_norms", "load_resnet_state_dict", "match_state_dict", "read_state_dict"]
