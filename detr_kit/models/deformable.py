@@ -18,6 +18,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from detr_kit.models.transformer import MultiheadAttention
@@ -102,11 +103,12 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: Sequence[tuple[int, int]],
         level_start_index: Tensor | None = None,
         padding_mask: Tensor | None = None,
+        query_pos: Tensor | None = None,
     ) -> Tensor:
         """Attend from every query to sampled points of all levels.
 
         Args:
-            query: [B, Lq, C] queries (with their positional encoding added).
+            query: [B, Lq, C] queries (with their positional encoding added, unless ``query_pos`` is given).
             reference_points: [B, Lq, L, 2] points (x, y) or [B, Lq, L, 4] boxes (cx, cy, w, h), normalised to each
                 level's padded map (0..1). Offsets are divided by the level's (w, h) for points, and scaled by
                 ``0.5 * box wh / P`` for boxes.
@@ -114,6 +116,8 @@ class MSDeformAttn(nn.Module):
             spatial_shapes: (h, w) of each of the L levels; their areas sum to S.
             level_start_index: [L] start of each level in S (passed to the op; optional).
             padding_mask: [B, S] bool, True on padding; those values are zeroed.
+            query_pos: [B, Lq, C] positional encoding added to ``query`` here; in training the sum is recomputed
+                in backward rather than kept (one [B, Lq, C] tensor less per layer).
 
         Returns:
             [B, Lq, C].
@@ -138,8 +142,18 @@ class MSDeformAttn(nn.Module):
         value = value.view(batch, value.shape[1], heads, self.hidden_dim // heads)  # [B, S, M, Dh]
 
         dtype = _compute_dtype(query)
-        offsets = self.sampling_offsets(query).to(dtype).view(batch, num_queries, heads, levels, points, 2)
-        weights = self.attention_weights(query).to(dtype).view(batch, num_queries, heads, levels * points)
+        if query_pos is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled(query.device.type):
+            # Both projections of (query + query_pos) in one matmul that keeps the two addends, not their sum.
+            weight = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])  # [M*L*P*3, C]
+            bias = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])  # [M*L*P*3]
+            offsets, weights = _LinearOfSum.apply(query, query_pos, weight, bias).split(
+                [self.sampling_offsets.out_features, self.attention_weights.out_features], dim=-1
+            )
+        else:
+            query = query if query_pos is None else query + query_pos  # [B, Lq, C]
+            offsets, weights = self.sampling_offsets(query), self.attention_weights(query)
+        offsets = offsets.to(dtype).view(batch, num_queries, heads, levels, points, 2)
+        weights = weights.to(dtype).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)  # [B, Lq, M, L, P]
         reference_points = reference_points.to(dtype)
         if reference_points.shape[-1] == 2:
@@ -158,6 +172,33 @@ class MSDeformAttn(nn.Module):
             locations = torch.addcmul(origin, offsets, scale, out=locations.permute(0, 1, 2, 4, 5, 3))
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)  # [B, Lq, C]
         return self.output_proj(out)
+
+
+class _LinearOfSum(torch.autograd.Function):
+    """``F.linear(a + b, weight, bias)`` that keeps ``a`` and ``b`` (kept by other ops anyway) instead of ``a + b``."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """a, b [..., C] (b may broadcast), weight [N, C], bias [N] -> [..., N]."""
+        ctx.save_for_backward(a, b, weight)
+        return F.linear(a + b, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        a, b, weight = ctx.saved_tensors
+        need_a, need_b, need_weight, need_bias = ctx.needs_input_grad
+        grad_rows = grad.reshape(-1, grad.shape[-1])  # [R, N]
+        grad_weight = grad_bias = grad_a = grad_b = None
+        if need_weight:
+            grad_weight = grad_rows.t() @ (a + b).reshape(-1, weight.shape[1])  # [N, C], the sum recomputed
+        if need_bias:
+            grad_bias = grad_rows.sum(0)  # [N]
+        if need_a or need_b:
+            grad_x = grad @ weight  # [..., C]
+            grad_a = grad_x.sum_to_size(a.shape) if need_a else None
+            grad_b = grad_x.sum_to_size(b.shape) if need_b else None
+        return grad_a, grad_b, grad_weight, grad_bias
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -197,7 +238,9 @@ class DeformableEncoderLayer(nn.Module):
         padding_mask: Tensor | None,
     ) -> Tensor:
         """src [B, S, C], pos [B, S, C], reference_points [B, S, L, 2], padding_mask [B, S] -> [B, S, C]."""
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        attended = self.self_attn(
+            src, reference_points, src, spatial_shapes, level_start_index, padding_mask, query_pos=pos
+        )  # [B, S, C], queries src + pos
         training = self.training
         src = self.norm1(src + dropout(attended, self.dropout1.p, training))
         if self.ffn_checkpointing and training and torch.is_grad_enabled():
@@ -260,8 +303,8 @@ class DeformableDecoderLayer(nn.Module):
         training = self.training
         tgt = self.norm2(tgt + dropout(self.self_attn(q, q, tgt), self.dropout2.p, training))
         attended = self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
-        )
+            tgt, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask, query_pos=query_pos
+        )  # [B, Q, C], queries tgt + query_pos
         tgt = self.norm1(tgt + dropout(attended, self.dropout1.p, training))
         hidden = relu_dropout(self.linear1(tgt), self.dropout3.p, training, inplace=True)  # [B, Q, dim_feedforward]
         tgt = self.norm3(tgt + dropout(self.linear2(hidden), self.dropout4.p, training))

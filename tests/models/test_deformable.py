@@ -241,3 +241,34 @@ def test_ffn_checkpointing_keeps_no_feed_forward_hidden_for_backward():
         kept[ffn] = shapes_kept
     assert (2, 20, 48) in kept[False]  # the [B, S, dim_feedforward] hidden of each layer
     assert (2, 20, 48) not in kept[True]
+
+
+def test_query_pos_inside_msdeformattn_gives_the_plain_sum_gradients():
+    """query_pos added inside (the sum recomputed in backward) == the sum passed in, outputs and every gradient."""
+    from detr_kit.models.deformable import _LinearOfSum
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(16, num_levels=2, num_heads=2, num_points=2).double()
+    with torch.no_grad():
+        for param in attn.parameters():
+            param.normal_(0, 0.3)
+    shapes = [(4, 4), (2, 2)]
+    query, pos = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    value_input = torch.randn(2, 20, 16, dtype=torch.float64)
+    reference_points = torch.rand(2, 5, 2, 2, dtype=torch.float64)
+    results = []
+    for inside in (False, True):
+        inputs = [t.clone().requires_grad_() for t in (query, pos, value_input)]
+        q, p, v = inputs
+        out = attn(q, reference_points, v, shapes, query_pos=p) if inside else attn(q + p, reference_points, v, shapes)
+        grads = torch.autograd.grad(out.square().sum(), [*inputs, *attn.parameters()])
+        results.append((out.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for inside, plain in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(inside, plain)
+    # the op alone, with a broadcast addend, against finite differences
+    a = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_LinearOfSum.apply, (a, b, w, bias))
