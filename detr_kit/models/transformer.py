@@ -72,34 +72,9 @@ class MultiheadAttention(nn.Module):
         v = v.view(batch, len_k, heads, head_dim).transpose(1, 2)  # [B, M, Lk, Dh]
         attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk], True = attend
         dropout_p = self.dropout if self.training else 0.0
-        if dropout_p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
-            out = _attention_with_cheap_dropout(q, k, v, attn_mask, dropout_p)  # [B, M, Lq, Dh]
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # [B, M, Lq, Dh]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # [B, M, Lq, Dh]
         out = out.transpose(1, 2).reshape(batch, len_q, channels)  # [B, Lq, C]
         return self.out_proj(out)
-
-
-def _attention_with_cheap_dropout(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, p: float) -> Tensor:
-    """Softmax attention with dropout on the weights, for CPU training.
-
-    With dropout, ``scaled_dot_product_attention`` on the CPU takes its unfused path and draws the mask with
-    ``bernoulli_`` (~6x the cost of ``detr_kit.ops.dropout``'s bits) and keeps it for backward; here the weights go
-    through :func:`detr_kit.ops.dropout.dropout`, which keeps no mask.
-
-    Args:
-        q: [B, M, Lq, Dh]; k, v: [B, M, Lk, Dh].
-        attn_mask: [B, 1, 1, Lk] bool, True = attend; None attends everywhere.
-        p: dropout probability on the attention weights.
-
-    Returns:
-        [B, M, Lq, Dh].
-    """
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # [B, M, Lq, Lk]
-    if attn_mask is not None:
-        scores = scores.masked_fill_(~attn_mask, float("-inf"))
-    weights = dropout(scores.softmax(-1), p, True)  # [B, M, Lq, Lk]
-    return torch.matmul(weights, v)
 
 
 def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
