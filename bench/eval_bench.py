@@ -42,14 +42,13 @@ def synthetic_coco(num_images: int = 5000, boxes_per_image: int = 7, dets_per_im
 
 
 def main() -> None:
-    from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    from detr_kit.data.coco import coco_from_dict
+
     gt_dict, results = synthetic_coco()
+    gt = coco_from_dict(gt_dict)
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = gt_dict
-        gt.createIndex()
         dt = gt.loadRes(results)
 
     start = time.perf_counter()

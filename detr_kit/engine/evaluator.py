@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from detr_kit.data.coco import coco_from_dict
 from detr_kit.engine.fast_coco import fast_coco_eval, fast_coco_stats
 from detr_kit.engine.step import autocast, outputs_to_float
 from detr_kit.structures import Detections, ImageBatch, LabelMap, Target
@@ -213,15 +214,11 @@ class CocoEvaluator:
         if results:
             with contextlib.redirect_stdout(io.StringIO()):
                 return self.coco_gt.loadRes(results)
-        coco_dt = COCO()
-        coco_dt.dataset = {
+        return coco_from_dict({
             "images": list(self.coco_gt.dataset["images"]),
             "categories": list(self.coco_gt.dataset.get("categories", [])),
             "annotations": [],
-        }
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt.createIndex()
-        return coco_dt
+        })
 
     def _per_class_ap(self, precision: np.ndarray, cat_ids: Sequence[int]) -> dict[str, float]:
         """AP@[.5:.95], all areas, 100 detections, per category with ground truth.

@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_kit.data.coco import coco_from_dict
 from detr_kit.engine.evaluator import STAT_NAMES, CocoEvaluator, fast_coco_stats, format_coco_summary
 from detr_kit.engine.fast_coco import bbox_iou, fast_coco_eval
 from detr_kit.structures import Detections, LabelMap, Target
@@ -23,17 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 VAL_JSON = ROOT / "data" / "coco128" / "annotations" / "instances_val.json"
 
 
-def _coco(dataset: dict) -> COCO:
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
 def _load_res(coco_gt: COCO, results: list[dict]) -> COCO:
     if not results:  # loadRes cannot take an empty list: an empty results index, as CocoEvaluator builds it
-        return _coco({"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]), "annotations": []})
+        return coco_from_dict({"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]), "annotations": []})
     with contextlib.redirect_stdout(io.StringIO()):
         return coco_gt.loadRes(copy.deepcopy(results))
 
@@ -124,7 +117,7 @@ def test_coco128_subset_and_images_without_ground_truth(coco_gt):
     dataset = copy.deepcopy(coco_gt.dataset)
     empty_images = [900001, 900002, 900003]  # background images: detections there are all false positives
     dataset["images"] += [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in empty_images]
-    with_background = _coco(dataset)
+    with_background = coco_from_dict(dataset)
     results = _perturbed_results(coco_gt, 2)
     results += [{"image_id": i, "category_id": r["category_id"], "bbox": r["bbox"], "score": r["score"]}
                 for i in empty_images for r in results[:12]]
@@ -177,7 +170,7 @@ def _synthetic(seed: int, num_images: int = 200) -> tuple[COCO, list[dict]]:
             results.append({"image_id": image_id, "category_id": 2 if many else int(rng.choice([1, 2, 5, 9])),
                             "bbox": [x, y, float(rng.choice([6, 30, 50, 100])), float(rng.choice([6, 30, 50, 100]))],
                             "score": float(rng.choice([0.2, 0.5, rng.random()]))})
-    return _coco({"images": images, "annotations": annotations, "categories": categories}), results
+    return coco_from_dict({"images": images, "annotations": annotations, "categories": categories}), results
 
 
 def test_hand_built_matching_rules():
@@ -192,7 +185,7 @@ def test_hand_built_matching_rules():
     ]
     dts = [(1, [0.0, 0, 10, 10], 0.9), (1, [3.0, 0, 10, 10], 0.8), (2, [0.0, 0, 10, 10], 0.7),
            (3, [0.0, 0, 10, 10], 0.95), (3, [5.0, 5, 10, 10], 0.6)]
-    coco_gt = _coco({
+    coco_gt = coco_from_dict({
         "images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in (1, 2, 3)],
         "annotations": [{"id": j + 1, "image_id": i, "category_id": 1, "bbox": b, "area": b[2] * b[3], "iscrowd": c}
                         for j, (i, b, c) in enumerate(gts)],
