@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from detr_kit.models.transformer import MultiheadAttention
-from detr_kit.ops.dropout import dropout, relu_dropout
+from detr_kit.models.transformer import MultiheadAttention, feed_forward
+from detr_kit.ops.dropout import dropout
 from detr_kit.ops.ms_deform_attn import ms_deform_attn
 
 _CACHE_SIZE = 8  # input shapes whose pixel-centre grids are kept
@@ -252,10 +252,8 @@ class DeformableEncoderLayer(nn.Module):
         return self.norm2(src + dropout(ffn, self.dropout3.p, training))
 
     def _feed_forward(self, src: Tensor) -> Tensor:
-        """[B, S, C] -> [B, S, C]: linear, ReLU, dropout, linear (in eval the ReLU runs in place)."""
-        # linear1's output is fresh and read by nothing else: ReLU and dropout overwrite it (no second buffer)
-        hidden = relu_dropout(self.linear1(src), self.dropout2.p, self.training, inplace=True)  # [B, S, dim_ff]
-        return self.linear2(hidden)
+        """[B, S, C] -> [B, S, C]: linear, ReLU, dropout, linear."""
+        return feed_forward(src, self.linear1, self.linear2, self.dropout2.p, self.training)
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -306,8 +304,8 @@ class DeformableDecoderLayer(nn.Module):
             tgt, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask, query_pos=query_pos
         )  # [B, Q, C], queries tgt + query_pos
         tgt = self.norm1(tgt + dropout(attended, self.dropout1.p, training))
-        hidden = relu_dropout(self.linear1(tgt), self.dropout3.p, training, inplace=True)  # [B, Q, dim_feedforward]
-        tgt = self.norm3(tgt + dropout(self.linear2(hidden), self.dropout4.p, training))
+        ffn = feed_forward(tgt, self.linear1, self.linear2, self.dropout3.p, training)  # [B, Q, C]
+        tgt = self.norm3(tgt + dropout(ffn, self.dropout4.p, training))
         return tgt
 
 

@@ -81,6 +81,18 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
+def feed_forward(x: Tensor, linear1: nn.Linear, linear2: nn.Linear, p: float, training: bool) -> Tensor:
+    """``linear2(dropout(relu(linear1(x))))`` over the rows of ``x``: [..., C] -> [..., C].
+
+    ReLU and dropout overwrite ``linear1``'s output (fresh, read by nothing else), which is computed on the
+    flattened rows so that it is a base tensor: in place on the ``[B, S, F]`` view of a 2-D matmul result, autograd
+    would rebase the view's history and copy the whole gradient (``CopySlices``) in backward.
+    """
+    rows = x.reshape(-1, x.shape[-1])  # [N, C]
+    hidden = relu_dropout(linear1(rows), p, training, inplace=True)  # [N, dim_feedforward]
+    return linear2(hidden).view(*x.shape[:-1], linear2.out_features)  # [..., C]
+
+
 class TransformerEncoderLayer(nn.Module):
     """Post-norm encoder layer: self-attention with q = k = src + pos, then a ReLU feed-forward block.
 
@@ -108,8 +120,8 @@ class TransformerEncoderLayer(nn.Module):
         q = _with_pos(src, pos)  # [B, S, C]
         training = self.training
         src = self.norm1(src + dropout(self.self_attn(q, q, src, key_padding_mask=mask), self.dropout1.p, training))
-        hidden = relu_dropout(self.linear1(src), self.dropout.p, training, inplace=True)  # [B, S, dim_feedforward]
-        src = self.norm2(src + dropout(self.linear2(hidden), self.dropout2.p, training))
+        ffn = feed_forward(src, self.linear1, self.linear2, self.dropout.p, training)  # [B, S, C]
+        src = self.norm2(src + dropout(ffn, self.dropout2.p, training))
         return src
 
 
@@ -158,8 +170,8 @@ class TransformerDecoderLayer(nn.Module):
         tgt = self.norm1(tgt + dropout(self.self_attn(q, q, tgt), self.dropout1.p, training))
         attended = self.multihead_attn(_with_pos(tgt, query_pos), _with_pos(memory, pos), memory, key_padding_mask=memory_mask)
         tgt = self.norm2(tgt + dropout(attended, self.dropout2.p, training))  # [B, Q, C]
-        hidden = relu_dropout(self.linear1(tgt), self.dropout.p, training, inplace=True)  # [B, Q, dim_feedforward]
-        tgt = self.norm3(tgt + dropout(self.linear2(hidden), self.dropout3.p, training))
+        ffn = feed_forward(tgt, self.linear1, self.linear2, self.dropout.p, training)  # [B, Q, C]
+        tgt = self.norm3(tgt + dropout(ffn, self.dropout3.p, training))
         return tgt
 
 

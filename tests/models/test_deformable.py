@@ -239,8 +239,9 @@ def test_ffn_checkpointing_keeps_no_feed_forward_hidden_for_backward():
             out = encoder(src, pos, reference_points, shapes, level_start_index, None)
         out.sum().backward()  # the recomputation runs here, outside the hooks
         kept[ffn] = shapes_kept
-    assert (2, 20, 48) in kept[False]  # the [B, S, dim_feedforward] hidden of each layer
-    assert (2, 20, 48) not in kept[True]
+    hidden = {(2, 20, 48), (40, 48)}  # the [B, S, dim_feedforward] hidden of each layer (or its [B*S, F] rows)
+    assert hidden & set(kept[False])
+    assert not hidden & set(kept[True])
 
 
 def test_query_pos_inside_msdeformattn_gives_the_plain_sum_gradients():
