@@ -60,8 +60,8 @@ def test_load_torchvision_state_dict_from_file(tmp_path):
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_folded_frozen_norms_match_torchvision_with_batchnorm_in_float64(name):
     """Frozen norms folded into the convolutions: same features and gradients as torchvision's ResNet with plain
-    BatchNorm2d in eval mode (an independent reference), both where the fold applies (frozen stages, no grad) and
-    where it must not (trained weights keep the two-step form)."""
+    BatchNorm2d in eval mode (an independent reference), with and without autograd, for frozen stages and for
+    trained weights (whose scaled weight is recomputed in backward), input gradient included."""
     reference = randomize_norms(getattr(torchvision.models, name)()).double().eval()
     backbone = ResNetBackbone(name, return_strides=(32,), trainable_stages=3).double()
     backbone.body.load_state_dict(reference.state_dict(), strict=False)
@@ -81,8 +81,10 @@ def test_folded_frozen_norms_match_torchvision_with_batchnorm_in_float64(name):
     for module in reference.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.requires_grad_(False)  # frozen, as FrozenBatchNorm2d's buffers
-    backbone(x)[0].features.square().sum().backward()
-    plain(reference, x).square().sum().backward()
+    x_ours, x_reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    backbone(x_ours)[0].features.square().sum().backward()
+    plain(reference, x_reference).square().sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_reference.grad)
     ours = dict(backbone.body.named_parameters())
     for key, param in reference.named_parameters():
         if key.startswith("fc.") or not param.requires_grad:

@@ -71,18 +71,53 @@ class _ConvFrozenNorm(nn.Conv2d):
     """A bias-free Conv2d that also applies the FrozenBatchNorm2d after it (which then passes its input through).
 
     The norm is affine, so ``norm(conv(x, W)) == conv(x, W * scale) + shift``: one convolution with a scaled weight
-    instead of a convolution and a full pass over its output. That form is used when the weight needs no gradient
-    or autograd is off (frozen stages, evaluation, inference); a weight being trained keeps the two-step form, so
-    that no scaled copy of it is kept for backward. The conv and the norm keep their modules and state-dict keys;
+    and the shift as its bias, instead of a convolution and a full pass over its output (and, in training, a second
+    pass over its gradient). A weight being trained goes through ``_ScaledConvolution``, which recomputes the scaled
+    weight in backward rather than keeping a copy. The conv and the norm keep their modules and state-dict keys;
     the conv holds a plain (unregistered) reference to the norm.
     """
 
     def forward(self, x: Tensor) -> Tensor:  # [B, C_in, H, W] -> [B, C_out, H', W']
         scale, shift = self.__dict__["frozen_norm"].scale_and_shift()  # [C_out] each
         if self.weight.requires_grad and torch.is_grad_enabled():
-            return torch.addcmul(shift[None, :, None, None], super().forward(x), scale[None, :, None, None])
+            return _ScaledConvolution.apply(x, self.weight, scale, shift, self.stride, self.padding, self.dilation, self.groups)
         weight = self.weight * scale.view(-1, 1, 1, 1)  # [C_out, C_in, k, k], the conv's memory format
         return F.conv2d(x, weight, shift, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _ScaledConvolution(torch.autograd.Function):
+    """``conv2d(x, W * scale, bias=shift)`` for a trained W and fixed ``scale``/``shift`` (a folded frozen norm).
+
+    Saves ``x`` and ``W`` (a parameter, kept anyway), not the scaled weight: backward scales ``W`` again (one pass
+    over the weights, not over activations) and takes both gradients from one ``convolution_backward``. Under
+    autocast the convolution runs in the autocast dtype, as ``F.conv2d`` would, and the weight gradient comes back
+    in the weight's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, shift, stride, padding, dilation, groups):  # noqa: ANN001, ANN205
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        x = x.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            scaled = (weight * scale.view(-1, 1, 1, 1)).to(dtype)  # [C_out, C_in, k, k]
+            out = F.conv2d(x, scaled, shift.to(dtype), stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, scale)
+        ctx.conv = (stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        scaled = (weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
+        grad_x, grad_scaled, _ = torch.ops.aten.convolution_backward(
+            grad.to(x.dtype), x, scaled, None, stride, padding, dilation, False, [0] * len(stride), groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+        )
+        grad_weight = None if grad_scaled is None else grad_scaled.to(weight.dtype) * scale.view(-1, 1, 1, 1)
+        return grad_x, grad_weight, None, None, None, None, None, None
 
 
 def fold_frozen_norms(body: nn.Module) -> int:
@@ -105,7 +140,8 @@ def fold_frozen_norms(body: nn.Module) -> int:
             pairs.append((downsample[0], downsample[1]))
     folded = 0
     for conv, norm in pairs:
-        if type(conv) is nn.Conv2d and conv.bias is None and type(norm) is FrozenBatchNorm2d and not norm.folded:
+        plain = type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        if plain and type(norm) is FrozenBatchNorm2d and not norm.folded:
             conv.__class__ = _ConvFrozenNorm
             conv.__dict__["frozen_norm"] = norm  # not a submodule: the norm stays where its keys are
             norm.folded = True
