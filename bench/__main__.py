@@ -25,7 +25,11 @@ PAIRS = {
     "matcher": [(m, impl) for m in ("16x300x50", "16x900x100") for impl in ("ours", "batch_wide")],
     "data": [("coco128", "ours")],
 }
-PEER_NAME = {"hf": "Hugging Face transformers", "batch_wide": "batch-wide cost matrix (reference formulation)"}
+PEER_NAME = {
+    "hf": "Hugging Face transformers, the papers' dropout",
+    "hf_default": "Hugging Face transformers, its default dropout (none on attention weights or after the FFN activation)",
+    "batch_wide": "batch-wide cost matrix (reference formulation)",
+}
 
 
 def run_worker(case: str, model: str, impl: str, repeats: int, threads: int, extra: list[str]) -> dict:
@@ -46,7 +50,7 @@ def table(records: list[dict]) -> str:
     head = "| case | model | impl | median s | runs s | peak RSS MB |" + (" peak GPU MB |" if gpu else "") + " ratio (peer / ours) |"
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     ours = {(r["case"], r["model"]): r for r in records if r.get("impl") == "ours" and "median_s" in r}
-    peers = {(r["case"], r["model"]): r for r in records if r.get("impl") not in ("ours", "ours_compiled") and "median_s" in r}
+    peers = {(r["case"], r["model"]): r for r in records if r.get("impl") in ("hf", "batch_wide") and "median_s" in r}
     for r in records:
         if "error" in r:
             rows.append(f"| {r['case']} | {r['model']} | {r['impl']} | error: {r['error']} |" + " |" * (head.count("|") - 5))
@@ -78,6 +82,8 @@ def main() -> None:
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast both sides of train/infer")
     parser.add_argument("--compiled", action="store_true",
                         help="also measure ours with model.compile=true (torch.compile), in the same run as the peer")
+    parser.add_argument("--peer-defaults", action="store_true",
+                        help="also train the peer with transformers' default dropout (hf_default), in the same run")
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · {torch.get_num_threads()} threads "
           f"available, {args.threads} used · torch {torch.__version__} · python {platform.python_version()}")
@@ -91,8 +97,10 @@ def main() -> None:
                 print(proc.stderr[-2000:])
             continue
         pairs = PAIRS[case]
-        if args.compiled and case in ("train", "infer"):
-            pairs = [pair for model in dict(pairs) for pair in ((model, "ours"), (model, "ours_compiled"), (model, "hf"))]
+        if case in ("train", "infer"):  # per model: ours, [ours compiled], the peer, [the peer's default dropout]
+            impls = ["ours", *(["ours_compiled"] if args.compiled else []), "hf"]
+            impls += ["hf_default"] if args.peer_defaults and case == "train" else []
+            pairs = [(model, impl) for model in dict(pairs) for impl in impls]
         for model, impl in pairs:
             if args.models and case in ("train", "infer") and model not in args.models:
                 continue

@@ -108,14 +108,24 @@ def ours_inference(model_key: str, height: int, width: int, extra: list[str], de
 # ------------------------------------------------------------------------------------------------ Hugging Face
 
 
-def hf_model(model_key: str, device: torch.device):
+# Dropout as the papers (and detr_kit's configs, model.dropout = 0.1) apply it: on residuals, after the FFN
+# activation and on attention weights. transformers' configs default the last two to 0.0 (attention_dropout,
+# activation_dropout), which skips work the papers' training does; impl "hf" matches the papers, "hf_default"
+# keeps transformers' defaults. Only training is affected: dropout is off at inference.
+PAPER_DROPOUT = {"dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1}
+
+
+def hf_model(model_key: str, device: torch.device, paper_dropout: bool = True):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, DetrConfig, DetrForObjectDetection
 
+    dropout = PAPER_DROPOUT if paper_dropout else {}
     if model_key == "detr":
-        model = DetrForObjectDetection(DetrConfig(use_pretrained_backbone=False, num_labels=91))
+        model = DetrForObjectDetection(DetrConfig(use_pretrained_backbone=False, num_labels=91, **dropout))
     else:
         two_stage = model_key == "deformable_two_stage"
-        config = DeformableDetrConfig(use_pretrained_backbone=False, num_labels=91, with_box_refine=two_stage, two_stage=two_stage)
+        config = DeformableDetrConfig(
+            use_pretrained_backbone=False, num_labels=91, with_box_refine=two_stage, two_stage=two_stage, **dropout
+        )
         model = DeformableDetrForObjectDetection(config)
     # The official code (and detr_kit's configs) freeze the stem and layer1 and train layer2-4; transformers 5.x
     # with a timm backbone trains all of it. Freeze the same parameters so both sides do the same work.
@@ -125,8 +135,10 @@ def hf_model(model_key: str, device: torch.device):
     return model.to(device)
 
 
-def hf_train_step(model_key: str, batch: int, size: int, device: torch.device) -> Callable[[], object]:
-    model = hf_model(model_key, device)
+def hf_train_step(
+    model_key: str, batch: int, size: int, device: torch.device, paper_dropout: bool = True
+) -> Callable[[], object]:
+    model = hf_model(model_key, device, paper_dropout)
     model.train()
     backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
@@ -229,7 +241,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("case", choices=["train", "infer", "matcher", "data"])
     parser.add_argument("model", help="detr | deformable | deformable_two_stage | BxQxT (matcher) | -")
-    parser.add_argument("impl", help="ours | ours_compiled (model.compile=true) | hf | batch_wide")
+    parser.add_argument(
+        "impl", help="ours | ours_compiled (model.compile=true) | hf | hf_default (transformers' dropouts) | batch_wide"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -246,7 +260,10 @@ def main() -> None:
     overrides = [*args.set, *(["model.compile=true"] if args.impl == "ours_compiled" else [])]
     if args.case == "train":
         batch, size = (args.size or [2, 512])[:2]
-        fn = ours_train_step(args.model, batch, size, overrides, device) if ours else hf_train_step(args.model, batch, size, device)
+        if ours:
+            fn = ours_train_step(args.model, batch, size, overrides, device)
+        else:
+            fn = hf_train_step(args.model, batch, size, device, paper_dropout=args.impl != "hf_default")
         record.update(batch=batch, size=size)
     elif args.case == "infer":
         height, width = (args.size or [800, 1066])[:2]
