@@ -44,20 +44,24 @@ def run_worker(case: str, model: str, impl: str, repeats: int, threads: int, ext
 def table(records: list[dict]) -> str:
     """Markdown rows; the ratio column is peer time / our time (> 1: we are faster).
 
-    Peer rows get their ratio to plain ``ours``; an ``ours_compiled`` row gets the peer's time over its own.
+    Peer rows get their ratio to plain ``ours`` (``hf_default`` to ``ours_hf_dropout``, the same dropout); an
+    ``ours_compiled`` row gets the peer's time over its own.
     """
     gpu = any("peak_gpu_mb" in r for r in records)
     head = "| case | model | impl | median s | runs s | peak RSS MB |" + (" peak GPU MB |" if gpu else "") + " ratio (peer / ours) |"
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     ours = {(r["case"], r["model"]): r for r in records if r.get("impl") == "ours" and "median_s" in r}
+    ours_hf_dropout = {(r["case"], r["model"]): r for r in records if r.get("impl") == "ours_hf_dropout" and "median_s" in r}
     peers = {(r["case"], r["model"]): r for r in records if r.get("impl") in ("hf", "batch_wide") and "median_s" in r}
     for r in records:
         if "error" in r:
             rows.append(f"| {r['case']} | {r['model']} | {r['impl']} | error: {r['error']} |" + " |" * (head.count("|") - 5))
             continue
         key = (r["case"], r["model"])
-        if r["impl"] == "ours":
+        if r["impl"] in ("ours", "ours_hf_dropout"):
             ratio = ""
+        elif r["impl"] == "hf_default":
+            ratio = f"{r['median_s'] / ours_hf_dropout[key]['median_s']:.2f}x" if key in ours_hf_dropout else ""
         elif r["impl"] == "ours_compiled":
             ratio = f"{peers[key]['median_s'] / r['median_s']:.2f}x" if key in peers else ""
         else:
@@ -83,7 +87,8 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true",
                         help="also measure ours with model.compile=true (torch.compile), in the same run as the peer")
     parser.add_argument("--peer-defaults", action="store_true",
-                        help="also train the peer with transformers' default dropout (hf_default), in the same run")
+                        help="also train both with transformers' default dropout (none on attention weights or after "
+                        "the FFN activation: ours_hf_dropout, hf_default), in the same run")
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · {torch.get_num_threads()} threads "
           f"available, {args.threads} used · torch {torch.__version__} · python {platform.python_version()}")
@@ -99,7 +104,7 @@ def main() -> None:
         pairs = PAIRS[case]
         if case in ("train", "infer"):  # per model: ours, [ours compiled], the peer, [the peer's default dropout]
             impls = ["ours", *(["ours_compiled"] if args.compiled else []), "hf"]
-            impls += ["hf_default"] if args.peer_defaults and case == "train" else []
+            impls += ["ours_hf_dropout", "hf_default"] if args.peer_defaults and case == "train" else []
             pairs = [(model, impl) for model in dict(pairs) for impl in impls]
         for model, impl in pairs:
             if args.models and case in ("train", "infer") and model not in args.models:

@@ -115,6 +115,14 @@ def ours_inference(model_key: str, height: int, width: int, extra: list[str], de
 PAPER_DROPOUT = {"dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1}
 
 
+# Our variants: the overrides each one adds. ours_hf_dropout drops what transformers' default configs drop.
+OURS_IMPLS = {
+    "ours": [],
+    "ours_compiled": ["model.compile=true"],
+    "ours_hf_dropout": ["model.attention_dropout=0.0", "model.activation_dropout=0.0"],
+}
+
+
 def hf_model(model_key: str, device: torch.device, paper_dropout: bool = True):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, DetrConfig, DetrForObjectDetection
 
@@ -242,7 +250,9 @@ def main() -> None:
     parser.add_argument("case", choices=["train", "infer", "matcher", "data"])
     parser.add_argument("model", help="detr | deformable | deformable_two_stage | BxQxT (matcher) | -")
     parser.add_argument(
-        "impl", help="ours | ours_compiled (model.compile=true) | hf | hf_default (transformers' dropouts) | batch_wide"
+        "impl",
+        help="ours | ours_compiled (model.compile=true) | ours_hf_dropout (transformers' default dropouts) | hf | "
+        "hf_default (transformers' default dropouts) | batch_wide",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -256,8 +266,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.chdir(ROOT)
     record: dict = {"case": args.case, "model": args.model, "impl": args.impl, "threads": args.threads, "device": str(device)}
-    ours = args.impl in ("ours", "ours_compiled")
-    overrides = [*args.set, *(["model.compile=true"] if args.impl == "ours_compiled" else [])]
+    ours = args.impl in OURS_IMPLS
+    overrides = [*args.set, *OURS_IMPLS.get(args.impl, [])]
     if args.case == "train":
         batch, size = (args.size or [2, 512])[:2]
         if ours:

@@ -78,6 +78,10 @@ def build_model(cfg: Config | ModelConfig, num_classes: int | None = None) -> nn
         model = _build_detr(m, k)
     else:
         model = _build_deformable_detr(m, k)
+    if m.attention_dropout is not None or m.activation_dropout is not None:
+        from detr_kit.models.transformer import set_dropout
+
+        set_dropout(model, attention=m.attention_dropout, activation=m.activation_dropout)
     if m.compile:
         import torch
 

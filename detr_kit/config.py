@@ -104,7 +104,9 @@ class ModelConfig:
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
     dim_feedforward: int = 2048
-    dropout: float = 0.1
+    dropout: float = 0.1  # residual branches; also the two below unless they are set (the papers: 0.1 everywhere)
+    attention_dropout: float | None = None  # on attention weights; None = dropout (transformers' configs: 0.0)
+    activation_dropout: float | None = None  # after the feed-forward ReLU; None = dropout (transformers' configs: 0.0)
     position_embedding: Literal["sine", "learned"] = "sine"
     aux_loss: bool = True
     exact_padding: bool = False  # run the backbone on each image unpadded (evaluation turns it on, see EvalConfig)
@@ -257,8 +259,10 @@ def _validate(cfg: Config, source: str) -> None:
         fail("model.hidden_dim", m.hidden_dim, f"a multiple of model.num_heads={m.num_heads}")
     if m.position_embedding == "sine" and m.hidden_dim % 2:
         fail("model.hidden_dim", m.hidden_dim, "an even number (the sine encoding splits it between x and y)")
-    if not 0.0 <= m.dropout < 1.0:
-        fail("model.dropout", m.dropout, "a probability in [0, 1)")
+    for key in ("dropout", "attention_dropout", "activation_dropout"):
+        p = getattr(m, key)
+        if p is not None and not 0.0 <= p < 1.0:
+            fail(f"model.{key}", p, "a probability in [0, 1)" + (" or null (= model.dropout)" if key != "dropout" else ""))
     if not 1 <= m.num_feature_levels <= 5:
         fail("model.num_feature_levels", m.num_feature_levels, "1..5 (C3-C5 from the backbone plus extra stride-2 levels)")
     if m.arch == "detr" and (m.box_refine or m.two_stage):

@@ -82,6 +82,8 @@ def test_base_inheritance_and_cycles(tmp_path):
         ("model.hidden_dim=250", "model.hidden_dim"),
         ("data.batch_size=0", "data.batch_size"),
         ("model.num_feature_levels=7", "model.num_feature_levels"),
+        ("model.attention_dropout=1.0", "model.attention_dropout"),
+        ("model.activation_dropout=-0.1", "model.activation_dropout"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_key(override, key):
@@ -112,3 +114,35 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(Exception):
         cfg.model.num_queries = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("tiny", ["detr", "deformable"])
+def test_attention_and_activation_dropout_set_apart_from_model_dropout(tiny):
+    """model.attention_dropout / activation_dropout reach every layer, and each one alone makes training random."""
+    import torch
+
+    from detr_kit.build import build_model
+    from detr_kit.models.transformer import MultiheadAttention
+    from tests.tiny_models import TINY_DEFORMABLE, TINY_DETR
+
+    base = TINY_DETR if tiny == "detr" else [*TINY_DEFORMABLE, "model.arch=deformable_detr"]
+    images = torch.randn(1, 3, 64, 64)
+
+    def build(*overrides):
+        torch.manual_seed(0)
+        return build_model(load_config("configs/detr_r50.yaml", [*base, *overrides])).train()
+
+    def random_in_training(model) -> bool:
+        first = model(images).logits
+        return not torch.equal(first, model(images).logits)
+
+    model = build("model.attention_dropout=0.25", "model.activation_dropout=0.5")
+    attention = [m.dropout for m in model.modules() if isinstance(m, MultiheadAttention)]
+    activation = [getattr(m, m.activation_dropout_name).p for m in model.modules() if hasattr(m, "activation_dropout_name")]
+    assert attention and set(attention) == {0.25}
+    assert len(activation) == 4 and set(activation) == {0.5}  # 2 encoder + 2 decoder layers
+    assert not random_in_training(build())  # model.dropout=0.0 in the tiny models: nothing random
+    assert random_in_training(build("model.activation_dropout=0.5"))
+    assert random_in_training(build("model.attention_dropout=0.5"))
+    unset = build("model.dropout=0.2")
+    assert {m.dropout for m in unset.modules() if isinstance(m, MultiheadAttention)} == {0.2}  # null = model.dropout

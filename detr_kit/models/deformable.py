@@ -214,6 +214,8 @@ class DeformableEncoderLayer(nn.Module):
         num_points: P.
     """
 
+    activation_dropout_name = "dropout2"  # the nn.Dropout after the feed-forward ReLU (see set_dropout)
+
     def __init__(
         self, hidden_dim: int, dim_feedforward: int, dropout: float, num_levels: int, num_heads: int, num_points: int
     ) -> None:
@@ -269,6 +271,8 @@ class DeformableDecoderLayer(nn.Module):
         num_heads: M.
         num_points: P.
     """
+
+    activation_dropout_name = "dropout3"  # the nn.Dropout after the feed-forward ReLU (see set_dropout)
 
     def __init__(
         self, hidden_dim: int, dim_feedforward: int, dropout: float, num_levels: int, num_heads: int, num_points: int

@@ -81,6 +81,20 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
+def set_dropout(model: nn.Module, attention: float | None = None, activation: float | None = None) -> None:
+    """Set the attention-weight and the feed-forward activation dropout of every layer in ``model``.
+
+    The layers take one probability for all their dropouts, as the papers do; this sets two of them apart (as
+    transformers' ``attention_dropout`` / ``activation_dropout`` do). None leaves a probability as it is.
+    """
+    for module in model.modules():
+        if attention is not None and isinstance(module, MultiheadAttention):
+            module.dropout = attention
+        name = getattr(module, "activation_dropout_name", None)
+        if activation is not None and name is not None:
+            getattr(module, name).p = activation
+
+
 def feed_forward(x: Tensor, linear1: nn.Linear, linear2: nn.Linear, p: float, training: bool) -> Tensor:
     """``linear2(dropout(relu(linear1(x))))`` over the rows of ``x``: [..., C] -> [..., C].
 
@@ -103,6 +117,8 @@ class TransformerEncoderLayer(nn.Module):
         dropout: dropout on attention weights and on every residual branch (the ``nn.Dropout`` attributes hold
             the probabilities; ``detr_kit.ops.dropout`` applies them).
     """
+
+    activation_dropout_name = "dropout"  # the nn.Dropout after the feed-forward ReLU (see set_dropout)
 
     def __init__(self, hidden_dim: int, num_heads: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
@@ -135,6 +151,8 @@ class TransformerDecoderLayer(nn.Module):
         dropout: dropout on attention weights and on every residual branch (the ``nn.Dropout`` attributes hold
             the probabilities; ``detr_kit.ops.dropout`` applies them).
     """
+
+    activation_dropout_name = "dropout"  # the nn.Dropout after the feed-forward ReLU (see set_dropout)
 
     def __init__(self, hidden_dim: int, num_heads: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
