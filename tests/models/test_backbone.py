@@ -166,3 +166,28 @@ def test_run_backbone_exact_equals_each_image_alone():
     # The plain batched call sees the padding: the 70 x 90 image's features change.
     fh, fw = alone[-1].features.shape[-2:]
     assert not torch.allclose(batched[-1].features[0, :, :2, :2], exact[-1].features[0, :, :2, :2], atol=1e-3)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_trained_folded_convolution_under_autocast_matches_the_unfolded_form(device_type):
+    """A trained conv with its frozen norm folded in (scaled weight + bias, recomputed in backward): under bf16
+    autocast it runs in bf16 like F.conv2d would, and its gradients match conv -> affine norm in float32."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from detr_kit.models.backbone.resnet import _ScaledConvolution
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12, device=device_type, requires_grad=True)
+    weight = torch.randn(16, 8, 3, 3, device=device_type, requires_grad=True)
+    scale, shift = torch.rand(16, device=device_type) + 0.5, torch.randn(16, device=device_type)
+    grad = torch.randn(2, 16, 6, 6, device=device_type)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out = _ScaledConvolution.apply(x, weight, scale, shift, (2, 2), (1, 1), (1, 1), 1)
+    assert out.dtype == torch.bfloat16
+    folded = torch.autograd.grad(out, (x, weight), grad.bfloat16())
+    reference_out = torch.nn.functional.conv2d(x, weight, None, 2, 1) * scale[:, None, None] + shift[:, None, None]
+    reference = torch.autograd.grad(reference_out, (x, weight), grad)
+    torch.testing.assert_close(out.float(), reference_out, atol=0.1, rtol=0.02)
+    for ours, plain in zip(folded, reference):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, plain, atol=0.1, rtol=0.02)
