@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from detr_kit.models.transformer import MultiheadAttention, feed_forward
 from detr_kit.ops.dropout import dropout
+from detr_kit.ops.layer_norm import OutputSavingLayerNorm
 from detr_kit.ops.ms_deform_attn import ms_deform_attn
 
 _CACHE_SIZE = 8  # input shapes whose pixel-centre grids are kept
@@ -222,12 +223,14 @@ class DeformableEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MSDeformAttn(hidden_dim, num_levels, num_heads, num_points)
         self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(hidden_dim)
+        # Both norms' outputs are kept for backward by what reads them (the feed-forward block, the next layer's
+        # projections, the decoder's value projection), so the norms keep those instead of their inputs.
+        self.norm1 = OutputSavingLayerNorm(hidden_dim)
         self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
         self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.norm2 = OutputSavingLayerNorm(hidden_dim)
         self.ffn_checkpointing = False  # set by DeformableEncoder
 
     def forward(
