@@ -13,8 +13,8 @@ Two implementations share the semantics (bilinear, zero padding, ``align_corners
   ``4 * L * P`` rows (the four bilinear corners of every sample) whose weights are the bilinear weights times the
   attention weight, zeroed outside the map. Bags come out in ``[B, Lq, M]`` order, so the result is already
   ``[B, Lq, M*Dh]``. The bags are built and summed in cache-sized chunks (``_pair_bags``: float-only ops on
-  axis-major planes, no boolean masks, no per-level Python work); the gather kernel's backward rebuilds them for
-  all bags at once with the per-axis masks it needs (``_bilinear_bags``).
+  axis-major planes, no boolean masks, no per-level Python work); the gather kernel's backward rebuilds them in
+  the same chunks (``_pair_backward``).
 * **training**: three kernels, chosen by the module-level switch ``TRAINING_KERNEL`` (``"auto"``, the default,
   picks ``"gather"`` on the CPU and ``"recompute"`` on other devices):
 
@@ -148,12 +148,6 @@ class _Bags(NamedTuple):
 
     indices: Tensor  # [Nb, 4, K] rows of the [B*S*M, Dh] value table (clamped into the map)
     weights: Tensor  # [Nb, 4, K] bilinear weight times attention weight, 0 for corners outside the map
-    low_weights: Tensor | None  # [Nb, 2, K] (x; y) weight of the lower corner, 0 outside (backward only)
-    high_weights: Tensor | None  # [Nb, 2, K] (x; y) weight of the upper corner, 0 outside (backward only)
-    low_inside: Tensor | None  # [Nb, 2, K] bool: the lower corner is inside the map (backward only)
-    high_inside: Tensor | None  # [Nb, 2, K] bool: the upper corner is inside the map (backward only)
-    top_left: Tensor | None  # [Nb, 2, K] (x; y) of the lower corner plus 1, clamped to 0..size (backward only)
-    sizes: Tensor | None  # [2, K] (w; h) of each sample's level (backward only)
 
 
 def _bilinear_bags(
@@ -162,7 +156,6 @@ def _bilinear_bags(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     dtype: torch.dtype,
-    for_backward: bool = False,
 ) -> _Bags:
     """Corner rows and weights of every sample, built with a handful of vectorised ops over ``[Nb, 2, K]``.
 
@@ -172,11 +165,9 @@ def _bilinear_bags(
         sampling_locations: [B, Lq, M, L, P, 2] (x, y) in 0..1.
         attention_weights: [B, Lq, M, L, P].
         dtype: floating dtype of the weights (the value's).
-        for_backward: also return the per-axis weights, masks and top-left corners the gather kernel's
-            backward reads.
 
     Returns:
-        The ``_Bags``; the backward-only fields are None unless ``for_backward``.
+        The ``_Bags``.
     """
     batch, total, num_heads, _ = value_shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
@@ -225,18 +216,7 @@ def _bilinear_bags(
     row_high = (index_high[:, 1].view(batch, num_queries, num_heads, num_samples) + base).view(bags, num_samples)
     col_low, col_high = index_low[:, 0], index_high[:, 0]  # [Nb, K]
     indices = torch.stack([row_low + col_low, row_low + col_high, row_high + col_low, row_high + col_high], 1)
-    if not for_backward:
-        return _Bags(indices, weights, None, None, None, None, None, None)
-    return _Bags(
-        indices,
-        weights,
-        weight_low,
-        weight_high,
-        low_outside.logical_not_(),
-        high_outside.logical_not_(),
-        torch.minimum(low, sizes),
-        sizes,
-    )
+    return _Bags(indices, weights)
 
 
 class _PairLayout(NamedTuple):
@@ -495,11 +475,12 @@ class _SampleAndSum(torch.autograd.Function):
 class _GatherSampleAndSum(torch.autograd.Function):
     """The gather kernel: the inference ``embedding_bag`` forward with a backward in the value's row layout.
 
-    Saves only its inputs and rebuilds the corner rows and weights in backward (a few elementwise ops over
-    ``[Nb, 2, K]``). Backward: the four corner dot products of every sample with its query-head's output gradient
-    (one ``torch.sparse.sampled_addmm`` on the bags' pattern), the location and attention gradients from them in
-    closed form, and the value gradient as a sparse (CSR) matrix product (see ``_scatter_to_value``). Not twice
-    differentiable.
+    Saves only its inputs and rebuilds the corner rows and weights in backward, chunk by chunk as the forward
+    builds them (``_pair_backward``): the four corner dot products of every sample with its query-head's output
+    gradient (``torch.sparse.sampled_addmm`` on the chunk's pattern), the location and attention gradients from
+    them in closed form, and the value gradient as a sparse (CSR) matrix product over all chunks' corner weights
+    (``_scatter_to_value``). Location gradients follow ``grid_sample``'s one-sided convention at integer pixel
+    positions. Not twice differentiable.
     """
 
     @staticmethod
@@ -520,37 +501,109 @@ class _GatherSampleAndSum(torch.autograd.Function):
         batch, total, num_heads, head_dim = value.shape
         _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
         num_bags, num_samples = batch * num_queries * num_heads, num_levels * num_points
+        dtype = value.dtype
         with torch.autocast(value.device.type, enabled=False):
-            grad_bags = grad_out.to(value.dtype).reshape(num_bags, head_dim).contiguous()  # [Nb, Dh]
-            bags = _bilinear_bags(
-                value.shape, ctx.shapes, sampling_locations, attention_weights, value.dtype, for_backward=True
-            )
-            grad_value = _scatter_to_value(grad_bags, bags, value.shape, ctx.shapes, num_queries) if need_value else None
+            grad_bags = grad_out.to(dtype).reshape(num_bags, head_dim).contiguous()  # [Nb, Dh]
+            table = value.reshape(batch * total * num_heads, head_dim)  # [B*S*M, Dh]
+            layout = _pair_layout(value.shape, ctx.shapes, num_queries, num_points, dtype, value.device)
+            locations = sampling_locations.to(dtype).reshape(num_bags, num_samples, 2)  # [Nb, K, 2] (x, y)
+            attention = attention_weights.to(dtype).reshape(num_bags, num_samples)  # [Nb, K]
+            keys = torch.empty(num_bags, num_samples, dtype=torch.int32, device=value.device) if need_value else None
+            weights = value.new_empty(num_bags, 4, num_samples) if need_value else None
+            grad_pixels = value.new_empty(num_bags, num_samples, 2) if need_locations else None  # [Nb, K, (x, y)]
+            grad_attention = value.new_empty(num_bags, num_samples) if need_weights else None  # [Nb, K]
+            chunk = max(1, _CHUNK_SAMPLES // num_samples)
+            for start in range(0, num_bags, chunk):
+                rows = slice(start, min(start + chunk, num_bags))
+                _pair_backward(
+                    layout, locations[rows], attention[rows], layout.bag_rows[rows], grad_bags[rows], table,
+                    None if keys is None else keys[rows], None if weights is None else weights[rows],
+                    None if grad_pixels is None else grad_pixels[rows],
+                    None if grad_attention is None else grad_attention[rows],
+                )
+            grad_value = _scatter_to_value(grad_bags, keys, weights, value.shape, ctx.shapes, num_queries) if need_value else None
             grad_locations = grad_weights = None
-            if need_locations or need_weights:
-                table = value.reshape(batch * total * num_heads, head_dim)  # [B*S*M, Dh]
-                dots = _corner_dots(grad_bags, table, bags.indices.view(num_bags, -1))  # [Nb, 4*K]
-                dots = dots.view(num_bags, 2, 2, num_samples)  # [Nb, y corner, x corner, K]
-                x_weights = torch.stack([bags.low_weights[:, 0], bags.high_weights[:, 0]], 1)  # [Nb, 2, K]
-                y_weights = torch.stack([bags.low_weights[:, 1], bags.high_weights[:, 1]], 1)  # [Nb, 2, K]
-                dots_y = (dots * x_weights[:, None]).sum(2)  # [Nb, 2, K]: gradient of the y corner weights / a
-                attention = attention_weights.to(value.dtype).reshape(num_bags, num_samples)  # [Nb, K]
-                if need_weights:
-                    grad_weights = (dots_y * y_weights).sum(1).view(attention_weights.shape).to(attention_weights.dtype)
-                if need_locations:
-                    dots_x = (dots * y_weights[:, :, None]).sum(1)  # [Nb, 2, K]: gradient of the x corner weights / a
-                    low_inside, high_inside = bags.low_inside, bags.high_inside  # [Nb, 2, K] each
-                    # d(weight_low)/d(pixel) = -1 and d(weight_high)/d(pixel) = +1 where the corner is inside.
-                    grad_pixels = torch.stack(
-                        [
-                            dots_x[:, 1] * high_inside[:, 0] - dots_x[:, 0] * low_inside[:, 0],
-                            dots_y[:, 1] * high_inside[:, 1] - dots_y[:, 0] * low_inside[:, 1],
-                        ],
-                        1,
-                    ).mul_(attention[:, None] * bags.sizes)  # [Nb, 2, K] d/d(location) = size * d/d(pixel)
-                    grad_locations = grad_pixels.view(batch, num_queries, num_heads, 2, num_levels, num_points)
-                    grad_locations = grad_locations.permute(0, 1, 2, 4, 5, 3).to(sampling_locations.dtype)
-        return grad_value, grad_locations, grad_weights, None  # grad_locations: a permuted view
+            if need_locations:
+                grad_locations = grad_pixels.view(sampling_locations.shape).to(sampling_locations.dtype)
+            if need_weights:
+                grad_weights = grad_attention.view(attention_weights.shape).to(attention_weights.dtype)
+        return grad_value, grad_locations, grad_weights, None
+
+
+def _axis_slopes(distance: Tensor, second_cap: Tensor) -> tuple[Tensor, Tensor]:
+    """d(weight)/d(pixel) of a pair's two hat weights, with ``grid_sample``'s one-sided convention at integers.
+
+    ``distance`` = pixel - first pixel of the pair. The first pixel's weight rises (+1) for distance in [-1, 0)
+    and falls (-1) in [0, 1); the second's rises in [0, 1) and falls in [1, 2) (where the pair sits against the
+    map's far border); both are 0 elsewhere (and the second's wherever the level has no second pixel).
+    """
+    steps = [(distance >= edge).to(distance.dtype) for edge in (-1.0, 0.0, 1.0, 2.0)]  # [2, n, K] each
+    slope_first = steps[0].sub_(steps[1]).sub_(steps[1]).add_(steps[2])
+    slope_second = steps[1].sub_(steps[2]).sub_(steps[2]).add_(steps[3]).mul_(second_cap)
+    return slope_first, slope_second
+
+
+def _pair_backward(
+    layout: _PairLayout,
+    locations: Tensor,
+    attention: Tensor,
+    bag_rows: Tensor,
+    grad_bags: Tensor,
+    table: Tensor,
+    keys: Tensor | None,
+    weights: Tensor | None,
+    grad_pixels: Tensor | None,
+    grad_attention: Tensor | None,
+) -> None:
+    """One chunk of the gather kernel's backward, in the inference bags' pair form (``_pair_bags``).
+
+    Writes, for the chunk's ``n`` bags: ``keys`` [n, K] (the pair's first pixel, ``y * w + x`` within its level)
+    and ``weights`` [n, 4, K] (corner weights times attention) for the value gradient, ``grad_pixels`` [n, K, 2]
+    (d loss / d location, x and y) and ``grad_attention`` [n, K]. Corner dot products come from one
+    ``torch.sparse.sampled_addmm`` over the chunk's bags; everything else is elementwise over ``[2, n, K]``.
+    """
+    num_bags, num_samples, _ = locations.shape
+    pixels = locations.new_empty(2, num_bags, num_samples).copy_(locations.permute(2, 0, 1))  # [2, n, K] (x; y)
+    torch.addcmul(layout.offsets, pixels, layout.sizes, out=pixels)
+    pixels.nan_to_num_(nan=-2.0)  # NaN samples land two pixels outside the map: weight and slopes 0
+    first = torch.clamp(pixels.floor(), layout.zeros, layout.last_first)  # [2, n, K]
+    distance = pixels.sub_(first)  # [2, n, K]
+    weight_first = distance.abs().clamp_(max=1.0).neg_().add_(1.0)  # [2, n, K] max(0, 1 - |d|)
+    weight_second = (distance - 1.0).abs_().clamp_(max=1.0).neg_().add_(1.0).mul_(layout.second_cap)  # [2, n, K]
+    bilinear = torch.stack(
+        [weight_first[0] * weight_first[1], weight_second[0] * weight_first[1],
+         weight_first[0] * weight_second[1], weight_second[0] * weight_second[1]], 1
+    )  # [n, 4, K] corners (x first, y first), (x second, y first), (x first, y second), (x second, y second)
+    corner_weights = bilinear * attention[:, None]  # [n, 4, K]
+    if weights is not None:
+        weights.copy_(corner_weights)
+        keys.copy_(first[1].mul(layout.sizes[0]).add_(first[0]))  # [n, K] exact small integers
+    if grad_pixels is None and grad_attention is None:
+        return
+    offsets = first.to(layout.strides.dtype).mul_(layout.strides)  # [2, n, K]
+    row_first = offsets[1].add_(layout.level_rows).add_(bag_rows[:, None])  # [n, K]
+    row_second = row_first + layout.steps[1]
+    indices = offsets.new_empty(num_bags, 4, num_samples)  # [n, 4, K]
+    torch.add(row_first, offsets[0], out=indices[:, 0])
+    torch.add(indices[:, 0], layout.steps[0], out=indices[:, 1])
+    torch.add(row_second, offsets[0], out=indices[:, 2])
+    torch.add(indices[:, 2], layout.steps[0], out=indices[:, 3])
+    dots = _corner_dots(grad_bags, table, indices.view(num_bags, -1)).view(num_bags, 4, num_samples)  # [n, 4, K]
+    if grad_attention is not None:
+        torch.sum(dots * bilinear, 1, out=grad_attention)  # [n, K]
+    if grad_pixels is not None:
+        slope_first, slope_second = _axis_slopes(distance, layout.second_cap)  # [2, n, K] each
+        # Gradient of the loss w.r.t. each axis' (first, second) weight, the other axis' weights folded in.
+        x_first = dots[:, 0] * weight_first[1] + dots[:, 2] * weight_second[1]  # [n, K]
+        x_second = dots[:, 1] * weight_first[1] + dots[:, 3] * weight_second[1]
+        y_first = dots[:, 0] * weight_first[0] + dots[:, 1] * weight_second[0]
+        y_second = dots[:, 2] * weight_first[0] + dots[:, 3] * weight_second[0]
+        grad = torch.stack(
+            [x_first * slope_first[0] + x_second * slope_second[0], y_first * slope_first[1] + y_second * slope_second[1]],
+            2,
+        )  # [n, K, 2] d loss / d pixel
+        sizes = layout.sizes[:, 0].t()  # [K, 2] (w, h): d pixel / d location
+        torch.mul(grad.mul_(attention[:, :, None]), sizes, out=grad_pixels)
 
 
 def _corner_dots(grad_bags: Tensor, table: Tensor, indices: Tensor) -> Tensor:
@@ -586,20 +639,21 @@ def _corner_dots(grad_bags: Tensor, table: Tensor, indices: Tensor) -> Tensor:
 
 
 def _scatter_to_value(
-    grad_bags: Tensor, bags: _Bags, value_shape: torch.Size, shapes: list[tuple[int, int]], num_queries: int
+    grad_bags: Tensor, keys: Tensor, weights: Tensor, value_shape: torch.Size, shapes: list[tuple[int, int]],
+    num_queries: int,
 ) -> Tensor:
     """Value gradient: every corner's weight times its bag's gradient, summed per value row, without sorting 4 * N.
 
-    The four corners of a sample share its top-left corner, so per level the gradient is four shifted copies of
-    ``T_c = A_c^T @ grad_bags``, where ``A_c`` [top-left keys, Nb] holds corner ``c``'s weights and all four share
-    one sparsity pattern. Keys index a level's (h + 1) x (w + 1) map of top-left corners (offset by one, so
-    corners just left of or above the map have a key), per (level, image, head) segment. Sorting each segment's
-    ``Lq * P`` keys (a batched sort of short rows, cache resident) gives ``A^T`` in CSR form directly; its four
-    products are sparse-dense matmuls.
+    The four corners of a sample share the pair's first pixel, so per level the gradient is four shifted copies of
+    ``T_c = A_c^T @ grad_bags``, where ``A_c`` [first-pixel keys, Nb] holds corner ``c``'s weights and all four
+    share one sparsity pattern. Keys index a level's h x w map, per (level, image, head) segment. Sorting each
+    segment's ``Lq * P`` keys (a batched sort of short rows, cache resident) gives ``A^T`` in CSR form directly;
+    its four products are sparse-dense matmuls.
 
     Args:
         grad_bags: [Nb, Dh] gradient of each query-head's output, bags in (b, q, m) order.
-        bags: the ``_Bags`` of the forward, built ``for_backward``.
+        keys: [Nb, K] int32 first pixel ``y * w + x`` of each sample's pair within its level.
+        weights: [Nb, 4, K] corner weights times attention, corners as ``_pair_bags`` orders them.
         value_shape: (B, S, M, Dh).
         shapes: (h, w) per level.
         num_queries: Lq.
@@ -610,16 +664,12 @@ def _scatter_to_value(
     batch, total, num_heads, head_dim = value_shape
     num_bags = grad_bags.shape[0]
     num_levels = len(shapes)
-    num_samples = bags.weights.shape[-1]
+    num_samples = weights.shape[-1]
     num_points = num_samples // num_levels
     device = grad_bags.device
-    areas = [(h + 1) * (w + 1) for h, w in shapes]  # top-left keys per level map
+    areas = [h * w for h, w in shapes]  # first-pixel keys per level map
     num_keys = batch * num_heads * sum(areas)
-    index_dtype = torch.int32 if max(num_keys, bags.weights.numel(), num_bags) < 2**31 else torch.int64
-    key_width = torch.tensor([w + 1 for _, w in shapes], dtype=index_dtype, device=device)
-    key_width = key_width.repeat_interleave(num_points)  # [K]
-    top_left = bags.top_left.to(index_dtype)  # [Nb, 2, K]
-    keys = top_left[:, 1].mul_(key_width).add_(top_left[:, 0])  # [Nb, K] key within the level's map
+    index_dtype = torch.int32 if max(num_keys, weights.numel(), num_bags) < 2**31 else torch.int64
     # Segments (level, image, head), each of Lq * P samples.
     keys = keys.view(batch, num_queries, num_heads, num_levels, num_points).permute(3, 0, 2, 1, 4)
     keys, order = keys.reshape(num_levels * batch * num_heads, num_queries * num_points).sort(1)  # [LBM, Lq*P]
@@ -631,11 +681,11 @@ def _scatter_to_value(
         torch.tensor(level_start, dtype=index_dtype, device=device)[:, None]
         + segment * torch.tensor(areas, dtype=index_dtype, device=device)[:, None]
     )  # [L, B*M] first key of each segment
-    keys = keys.view(num_levels, batch * num_heads, -1).add_(segment_start[:, :, None]).view(-1)  # [N] sorted
+    keys = keys.to(index_dtype).view(num_levels, batch * num_heads, -1).add_(segment_start[:, :, None]).view(-1)
     crow = torch.zeros(num_keys + 1, dtype=index_dtype, device=device)
     torch.cumsum(torch.bincount(keys, minlength=num_keys), 0, out=crow[1:])  # [num_keys + 1]
     # Corner weights in segment order: [Nb, 4, K] -> [4, L, B, M, Lq, P], gathered along each segment.
-    corner_weights = bags.weights.view(batch, num_queries, num_heads, 4, num_levels, num_points)
+    corner_weights = weights.view(batch, num_queries, num_heads, 4, num_levels, num_points)
     corner_weights = corner_weights.permute(3, 4, 0, 2, 1, 5).reshape(4, num_levels * batch * num_heads, -1)
     corner_weights = corner_weights.gather(2, order.expand(4, -1, -1)).view(4, -1)  # [4, N] sorted
     # Bag of each sorted sample: bag (b, q, m) = (b * Lq + q) * M + m, with q = order // P.
@@ -649,7 +699,7 @@ def _scatter_to_value(
             torch.sparse_csr_tensor(crow, columns, corner_weights[c], size=(num_keys, num_bags), check_invariants=False)
             @ grad_bags
             for c in range(4)
-        ]  # 4 x [num_keys, Dh]: (x low, y low), (x high, y low), (x low, y high), (x high, y high)
+        ]  # 4 x [num_keys, Dh]: (x first, y first), (x second, y first), (x first, y second), (x second, y second)
     grad_value = grad_bags.new_empty(value_shape)  # [B, S, M, Dh]
     start = 0
     for level, (height, width) in enumerate(shapes):
@@ -657,13 +707,15 @@ def _scatter_to_value(
         start += height * width
         maps = [
             corner[level_start[level] : level_start[level] + batch * num_heads * areas[level]]
-            .view(batch, num_heads, height + 1, width + 1, head_dim)
+            .view(batch, num_heads, height, width, head_dim)
             .permute(0, 2, 3, 1, 4)
             for corner in corners
-        ]  # 4 x [B, h+1, w+1, M, Dh] indexed by top-left corner + 1
-        # Pixel (x, y) is corner (dx, dy) of the sample whose top-left corner + 1 is (x + 1 - dx, y + 1 - dy).
-        torch.add(maps[0][:, 1:, 1:], maps[1][:, 1:, :-1], out=grad_level)
-        grad_level.add_(maps[2][:, :-1, 1:]).add_(maps[3][:, :-1, :-1])
+        ]  # 4 x [B, h, w, M, Dh] indexed by the pair's first pixel
+        # Pixel (x, y) is corner (dx, dy) of the pairs whose first pixel is (x - dx, y - dy).
+        grad_level.copy_(maps[0])
+        grad_level[:, :, 1:].add_(maps[1][:, :, :-1])
+        grad_level[:, 1:].add_(maps[2][:, :-1])
+        grad_level[:, 1:, 1:].add_(maps[3][:, :-1, :-1])
     return grad_value
 
 

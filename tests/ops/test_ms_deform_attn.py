@@ -207,6 +207,27 @@ def test_gather_kernel_forward_and_gradients_match_reference(monkeypatch, shapes
         torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
+def test_gather_kernel_gradients_at_integer_pixels_follow_grid_sample(monkeypatch):
+    """Samples exactly on pixel centres (where bilinear weights are not differentiable), one pixel outside and on
+    the last pixel: the gather kernel's location gradient takes grid_sample's one-sided convention there. Sizes
+    are powers of two, so that both sides map locations to exactly the same pixel coordinates."""
+    monkeypatch.setattr(msda, "TRAINING_KERNEL", "gather")
+    shapes = [(4, 8), (1, 2), (2, 1)]
+    value, locations, weights = random_inputs(shapes, batch=2, heads=2, head_dim=3, queries=6, points=3, seed=21)
+    generator = torch.Generator().manual_seed(22)
+    for level, (height, width) in enumerate(shapes):
+        for axis, size in ((0, width), (1, height)):
+            pixel = torch.randint(-1, size + 1, locations[..., level, :, axis].shape, generator=generator)
+            locations[..., level, :, axis] = (pixel.double() + 0.5) / size  # pixel centres -1 .. size
+    grad_out = torch.randn(2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(23))
+    ours = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    theirs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    (ms_deform_attn(ours[0], shapes, None, ours[1], ours[2]) * grad_out).sum().backward()
+    (plain_grid_sample_reference(theirs[0], shapes, theirs[1], theirs[2]) * grad_out).sum().backward()
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine.grad, reference.grad, atol=1e-10, rtol=0)
+
+
 def test_gather_kernel_nan_locations_contribute_nothing(monkeypatch):
     monkeypatch.setattr(msda, "TRAINING_KERNEL", "gather")
     shapes = [(4, 5), (2, 3)]
