@@ -77,6 +77,14 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(hidden_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(hidden_dim, hidden_dim)
         self.output_proj = nn.Linear(hidden_dim, hidden_dim)
+        # sampling_offsets' rows in axis-major order (m, axis, l, p); its own order (m, l, p, axis) is the
+        # official checkpoints'. Projecting with the reordered rows gives the sampling locations the x and y
+        # planes the deformable core reads, with no transposing copy and no elementwise op over size-2 rows.
+        m, axis, level, point = torch.meshgrid(
+            *(torch.arange(n) for n in (num_heads, 2, num_levels, num_points)), indexing="ij"
+        )
+        rows = ((m * num_levels + level) * num_points + point) * 2 + axis  # [M, 2, L, P]
+        self.register_buffer("axis_major_rows", rows.flatten(), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -143,34 +151,35 @@ class MSDeformAttn(nn.Module):
         value = value.view(batch, value.shape[1], heads, self.hidden_dim // heads)  # [B, S, M, Dh]
 
         dtype = _compute_dtype(query)
+        offset_weight = self.sampling_offsets.weight[self.axis_major_rows]  # [M*2*L*P, C]
+        offset_bias = self.sampling_offsets.bias[self.axis_major_rows]  # [M*2*L*P]
         if query_pos is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled(query.device.type):
             # Both projections of (query + query_pos) in one matmul that keeps the two addends, not their sum.
-            weight = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])  # [M*L*P*3, C]
-            bias = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])  # [M*L*P*3]
+            weight = torch.cat([offset_weight, self.attention_weights.weight])  # [M*L*P*3, C]
+            bias = torch.cat([offset_bias, self.attention_weights.bias])  # [M*L*P*3]
             offsets, weights = _LinearOfSum.apply(query, query_pos, weight, bias).split(
                 [self.sampling_offsets.out_features, self.attention_weights.out_features], dim=-1
             )
         else:
             query = query if query_pos is None else query + query_pos  # [B, Lq, C]
-            offsets, weights = self.sampling_offsets(query), self.attention_weights(query)
-        offsets = offsets.to(dtype).view(batch, num_queries, heads, levels, points, 2)
+            offsets, weights = F.linear(query, offset_weight, offset_bias), self.attention_weights(query)
+        offsets = offsets.to(dtype).view(batch, num_queries, heads, 2, levels, points)  # x and y planes
         weights = weights.to(dtype).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)  # [B, Lq, M, L, P]
-        reference_points = reference_points.to(dtype)
-        if reference_points.shape[-1] == 2:
-            # (w, h) per level: an offset of 1 moves one pixel of that level.
-            origin = reference_points[:, :, None, :, None, :]  # [B, Lq, 1, L, 1, 2]
-            scale = 1.0 / torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=query.device)[:, None]
+        # Origin and scale are spelled out over the points (1/M of the locations' size), so that the addcmul runs
+        # over contiguous rows of 2*L*P in every operand; broadcasting them over P left 4-element inner loops.
+        reference_points = reference_points.to(dtype).transpose(2, 3)  # [B, Lq, 2 or 4, L]
+        per_point = (batch, num_queries, 1, 2, levels, points)
+        if reference_points.shape[2] == 2:
+            origin = reference_points[:, :, None, :, :, None].expand(per_point).contiguous()  # [B, Lq, 1, 2, L, P]
+            # 1 / (w, h) per level: an offset of 1 moves one pixel of that level.
+            sizes = torch.tensor([[w for _, w in spatial_shapes], [h for h, _ in spatial_shapes]], dtype=dtype)
+            scale = (1.0 / sizes)[:, :, None].expand(2, levels, points).contiguous().to(query.device)  # [2, L, P]
         else:
-            origin = reference_points[:, :, None, :, None, :2]  # [B, Lq, 1, L, 1, 2] box centres
-            scale = reference_points[:, :, None, :, None, 2:] * (0.5 / points)  # [B, Lq, 1, L, 1, 2]
-        if torch.is_grad_enabled():
-            locations = torch.addcmul(origin, offsets, scale)  # [B, Lq, M, L, P, 2]
-        else:
-            # Written axis-major ([B, Lq, M, 2, L, P] in memory; a permuted view is passed), the layout the
-            # deformable core's inference path reads without a copy.
-            locations = torch.empty(batch, num_queries, heads, 2, levels, points, dtype=dtype, device=query.device)
-            locations = torch.addcmul(origin, offsets, scale, out=locations.permute(0, 1, 2, 4, 5, 3))
+            origin = reference_points[:, :, None, :2, :, None].expand(per_point).contiguous()  # box centres
+            scale = (reference_points[:, :, None, 2:, :, None] * (0.5 / points)).expand(per_point).contiguous()
+        # [B, Lq, M, L, P, 2], a view of x and y planes ([B, Lq, M, 2, L, P] in memory)
+        locations = torch.addcmul(origin, offsets, scale).permute(0, 1, 2, 4, 5, 3)
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)  # [B, Lq, C]
         return self.output_proj(out)
 
