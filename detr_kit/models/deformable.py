@@ -211,6 +211,12 @@ class _LinearOfSum(torch.autograd.Function):
         return grad_a, grad_b, grad_weight, grad_bias
 
 
+def _add_residual(x: Tensor, branch: Tensor) -> Tensor:
+    """``x + branch``; without autograd the sum is written into ``branch``, which must be a fresh tensor that
+    nothing else reads (no new [B, S, C] buffer to page in per residual)."""
+    return x + branch if torch.is_grad_enabled() else branch.add_(x)
+
+
 class DeformableEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention over all levels, then a ReLU feed-forward block.
 
@@ -256,14 +262,14 @@ class DeformableEncoderLayer(nn.Module):
             src, reference_points, src, spatial_shapes, level_start_index, padding_mask, query_pos=pos
         )  # [B, S, C], queries src + pos
         training = self.training
-        src = self.norm1(src + dropout(attended, self.dropout1.p, training))
+        src = self.norm1(_add_residual(src, dropout(attended, self.dropout1.p, training)))
         if self.ffn_checkpointing and training and torch.is_grad_enabled():
             # Keep only the block's input; the [B, S, dim_feedforward] hidden is recomputed in backward (the same
             # dropout mask: checkpoint restores the RNG state the mask is drawn from).
             ffn = checkpoint(self._feed_forward, src, use_reentrant=False)
         else:
             ffn = self._feed_forward(src)
-        return self.norm2(src + dropout(ffn, self.dropout3.p, training))
+        return self.norm2(_add_residual(src, dropout(ffn, self.dropout3.p, training)))
 
     def _feed_forward(self, src: Tensor) -> Tensor:
         """[B, S, C] -> [B, S, C]: linear, ReLU, dropout, linear."""
