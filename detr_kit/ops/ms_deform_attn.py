@@ -22,7 +22,7 @@ Two implementations share the semantics (bilinear, zero padding, ``align_corners
     only its inputs. Backward rebuilds the corner rows and weights, takes every corner's value-row . output-gradient
     dot product with one ``torch.sparse.sampled_addmm`` on the bags' pattern (location and attention gradients
     follow in closed form), and forms the value gradient as four CSR sparse-dense matmuls, one per corner, over
-    the samples' top-left corners, sorted per (level, image, head) segment (``_scatter_to_value``). No
+    the first pixels of the samples' pairs, sorted per (level, image, head) segment (``_scatter_to_value``). No
     ``[B*M, Dh, P, Lq]`` tensor and no global sort of all ``4 * N`` corner rows.
   - ``"recompute"``: heads folded into the batch, one ``F.grid_sample`` per level on a level-major contiguous
     grid, saving only its inputs and recomputing each level's samples in backward (one ``grid_sample`` for the
