@@ -103,7 +103,7 @@ def feed_forward(x: Tensor, linear1: nn.Linear, linear2: nn.Linear, p: float, tr
     would rebase the view's history and copy the whole gradient (``CopySlices``) in backward.
     """
     rows = x.reshape(-1, x.shape[-1])  # [N, C]
-    if _chunked_inference(rows):
+    if _chunked_inference(rows) and linear2.bias is not None:
         # No autograd: the hidden is made and consumed a chunk of rows at a time, in cache, instead of one
         # [N, dim_feedforward] buffer (73 MB for Deformable-DETR's encoder at 800x1066) that is paged in fresh.
         out = rows.new_empty(rows.shape[0], linear2.out_features)  # [N, C]
