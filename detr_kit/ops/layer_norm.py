@@ -64,6 +64,8 @@ class OutputSavingLayerNorm(nn.LayerNorm):
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5) -> None:
         super().__init__(normalized_shape, eps=eps)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"OutputSavingLayerNorm normalises the last dimension only, got {normalized_shape}")
 
     def forward(self, x: Tensor) -> Tensor:  # [..., C] -> [..., C]
         weight, bias = self.weight, self.bias

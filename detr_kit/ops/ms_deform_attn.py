@@ -288,15 +288,7 @@ def _pair_bags(layout: _PairLayout, locations: Tensor, attention: Tensor, bag_ro
         corners ordered (x first, y first), (x second, y first), (x first, y second), (x second, y second).
     """
     num_bags, num_samples, _ = locations.shape
-    pixels = locations.new_empty(2, num_bags, num_samples).copy_(locations.permute(2, 0, 1))  # [2, n, K] (x; y)
-    torch.addcmul(layout.offsets, pixels, layout.sizes, out=pixels)  # [2, n, K] in pixels
-    # NaN samples land on pixel -2, two pixels outside the map (weight 0); +-inf become finite, far outside.
-    pixels.nan_to_num_(nan=-2.0)
-    first = torch.clamp(pixels.floor(), layout.zeros, layout.last_first)  # [2, n, K] first pixel of the pair
-    distance = pixels.sub_(first)  # [2, n, K] pixel - first, any sign
-    weight_first = torch.abs(distance).clamp_(max=1.0).neg_().add_(1.0)  # [2, n, K] max(0, 1 - |d|)
-    weight_second = distance.sub_(1.0).abs_().clamp_(max=1.0).neg_().add_(1.0).mul_(layout.second_cap)  # [2, n, K]
-
+    first, _, weight_first, weight_second = _pair_geometry(layout, locations)
     y_first = weight_first[1].mul_(attention)  # [n, K]
     y_second = weight_second[1].mul_(attention)  # [n, K]
     weights = attention.new_empty(num_bags, 4, num_samples)  # [n, 4, K]
@@ -304,16 +296,44 @@ def _pair_bags(layout: _PairLayout, locations: Tensor, attention: Tensor, bag_ro
     torch.mul(weight_second[0], y_first, out=weights[:, 1])
     torch.mul(weight_first[0], y_second, out=weights[:, 2])
     torch.mul(weight_second[0], y_second, out=weights[:, 3])
+    return _pair_rows(layout, first, bag_rows), weights
 
+
+def _pair_geometry(layout: _PairLayout, locations: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The pixel pairs of a run of bags' samples, per axis (axis-major planes; see ``_pair_bags``).
+
+    Args:
+        layout: the constants from ``_pair_layout``.
+        locations: [n, K, 2] (x, y) in 0..1, in the value's dtype.
+
+    Returns:
+        ``(first, distance, weight_first, weight_second)``, each [2, n, K] (x; y): the pair's first pixel, the
+        sample's pixel coordinate minus it, and the hat weights of the pair's first and second pixel.
+    """
+    num_bags, num_samples, _ = locations.shape
+    pixels = locations.new_empty(2, num_bags, num_samples).copy_(locations.permute(2, 0, 1))  # [2, n, K] (x; y)
+    torch.addcmul(layout.offsets, pixels, layout.sizes, out=pixels)  # [2, n, K] in pixels
+    # NaN samples land on pixel -2, two pixels outside the map (weight 0); +-inf become finite, far outside.
+    pixels.nan_to_num_(nan=-2.0)
+    first = torch.clamp(pixels.floor(), layout.zeros, layout.last_first)  # [2, n, K] first pixel of the pair
+    distance = pixels.sub_(first)  # [2, n, K] pixel - first, any sign
+    weight_first = distance.abs().clamp_(max=1.0).neg_().add_(1.0)  # [2, n, K] max(0, 1 - |d|)
+    weight_second = (distance - 1.0).abs_().clamp_(max=1.0).neg_().add_(1.0).mul_(layout.second_cap)  # [2, n, K]
+    return first, distance, weight_first, weight_second
+
+
+def _pair_rows(layout: _PairLayout, first: Tensor, bag_rows: Tensor) -> Tensor:
+    """first [2, n, K] pair pixels, bag_rows [n] -> [n, 4, K] value-table rows of the four corners, ordered as
+    ``_pair_bags``'s weights."""
     offsets = first.to(layout.strides.dtype).mul_(layout.strides)  # [2, n, K] row offsets along x and y
     row_first = offsets[1].add_(layout.level_rows).add_(bag_rows[:, None])  # [n, K]
     row_second = row_first + layout.steps[1]  # [n, K]
-    indices = offsets.new_empty(num_bags, 4, num_samples)  # [n, 4, K]
+    indices = offsets.new_empty(first.shape[1], 4, first.shape[2])  # [n, 4, K]
     torch.add(row_first, offsets[0], out=indices[:, 0])
     torch.add(indices[:, 0], layout.steps[0], out=indices[:, 1])
     torch.add(row_second, offsets[0], out=indices[:, 2])
     torch.add(indices[:, 2], layout.steps[0], out=indices[:, 3])
-    return indices, weights
+    return indices
 
 
 _CHUNK_SAMPLES = 65536
@@ -562,14 +582,8 @@ def _pair_backward(
     (d loss / d location, x and y) and ``grad_attention`` [n, K]. Corner dot products come from one
     ``torch.sparse.sampled_addmm`` over the chunk's bags; everything else is elementwise over ``[2, n, K]``.
     """
-    num_bags, num_samples, _ = locations.shape
-    pixels = locations.new_empty(2, num_bags, num_samples).copy_(locations.permute(2, 0, 1))  # [2, n, K] (x; y)
-    torch.addcmul(layout.offsets, pixels, layout.sizes, out=pixels)
-    pixels.nan_to_num_(nan=-2.0)  # NaN samples land two pixels outside the map: weight and slopes 0
-    first = torch.clamp(pixels.floor(), layout.zeros, layout.last_first)  # [2, n, K]
-    distance = pixels.sub_(first)  # [2, n, K]
-    weight_first = distance.abs().clamp_(max=1.0).neg_().add_(1.0)  # [2, n, K] max(0, 1 - |d|)
-    weight_second = (distance - 1.0).abs_().clamp_(max=1.0).neg_().add_(1.0).mul_(layout.second_cap)  # [2, n, K]
+    num_bags = locations.shape[0]
+    first, distance, weight_first, weight_second = _pair_geometry(layout, locations)  # [2, n, K] each
     bilinear = torch.stack(
         [weight_first[0] * weight_first[1], weight_second[0] * weight_first[1],
          weight_first[0] * weight_second[1], weight_second[0] * weight_second[1]], 1
@@ -580,15 +594,8 @@ def _pair_backward(
         keys.copy_(first[1].mul(layout.sizes[0]).add_(first[0]))  # [n, K] exact small integers
     if grad_pixels is None and grad_attention is None:
         return
-    offsets = first.to(layout.strides.dtype).mul_(layout.strides)  # [2, n, K]
-    row_first = offsets[1].add_(layout.level_rows).add_(bag_rows[:, None])  # [n, K]
-    row_second = row_first + layout.steps[1]
-    indices = offsets.new_empty(num_bags, 4, num_samples)  # [n, 4, K]
-    torch.add(row_first, offsets[0], out=indices[:, 0])
-    torch.add(indices[:, 0], layout.steps[0], out=indices[:, 1])
-    torch.add(row_second, offsets[0], out=indices[:, 2])
-    torch.add(indices[:, 2], layout.steps[0], out=indices[:, 3])
-    dots = _corner_dots(grad_bags, table, indices.view(num_bags, -1)).view(num_bags, 4, num_samples)  # [n, 4, K]
+    indices = _pair_rows(layout, first, bag_rows)  # [n, 4, K]
+    dots = _corner_dots(grad_bags, table, indices.view(num_bags, -1)).view(indices.shape)  # [n, 4, K]
     if grad_attention is not None:
         torch.sum(dots * bilinear, 1, out=grad_attention)  # [n, K]
     if grad_pixels is not None:

@@ -55,3 +55,8 @@ def test_state_dict_and_eval_match_layer_norm():
     assert norm.state_dict().keys() == reference.state_dict().keys()
     x = torch.randn(2, 8)
     torch.testing.assert_close(norm.eval()(x), reference(x))
+
+
+def test_more_than_one_normalised_dimension_is_refused():
+    with pytest.raises(ValueError, match="last dimension only"):
+        OutputSavingLayerNorm((4, 8))
