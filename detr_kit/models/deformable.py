@@ -26,7 +26,6 @@ from detr_kit.ops.dropout import dropout
 from detr_kit.ops.layer_norm import OutputSavingLayerNorm
 from detr_kit.ops.ms_deform_attn import ms_deform_attn
 
-_CACHE_SIZE = 8  # input shapes whose pixel-centre grids are kept
 _PROPOSAL_MIN_WH = 0.05  # two-stage proposal size on the finest level, doubled per level (the reference's value)
 _PROPOSAL_VALID_RANGE = (0.01, 0.99)  # proposals with any coordinate outside are masked (the reference's range)
 _PROPOSAL_TEMPERATURE = 10000.0  # sine embedding of the top-k proposals
@@ -41,6 +40,27 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half-precision inputs (sampling locations need it), else the input's own dtype."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def pixel_grid(spatial_shapes: Sequence[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The pixel centres of every level, made afresh for each call (a cache kept across calls would hold tensors
+    of whatever mode filled it, e.g. inference tensors that a later training step cannot save for backward).
+
+    Returns:
+        centres [S, 2] (x, y) in pixels of their level, the level of each position [S] int64, (w, h) per level
+        [L, 2] float32 and the level start index [L] int64.
+    """
+    centres, levels = [], []
+    for level, (height, width) in enumerate(spatial_shapes):
+        ys = torch.arange(height, dtype=torch.float32, device=device) + 0.5  # [h]
+        xs = torch.arange(width, dtype=torch.float32, device=device) + 0.5  # [w]
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)  # [h*w, 2] (x, y)
+        centres.append(grid)
+        levels.append(torch.full((height * width,), level, dtype=torch.int64, device=device))
+    sizes = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=device)  # [L, 2]
+    areas = torch.tensor([h * w for h, w in spatial_shapes], dtype=torch.int64, device=device)  # [L]
+    start = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])  # [L]
+    return torch.cat(centres), torch.cat(levels), sizes, start
 
 
 class MSDeformAttn(nn.Module):
@@ -556,7 +576,6 @@ class DeformableTransformer(nn.Module):
             self.pos_trans_norm = nn.LayerNorm(hidden_dim * 2)
         else:
             self.reference_points = nn.Linear(hidden_dim, 2)
-        self._grids: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._reset_parameters(heads=[*(bbox_embed or ()), *(class_embed or ())])
 
     def _reset_parameters(self, heads: Sequence[nn.Module]) -> None:
@@ -572,28 +591,6 @@ class DeformableTransformer(nn.Module):
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
-
-    def _pixel_grid(
-        self, spatial_shapes: Sequence[tuple[int, int]], device: torch.device
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per input shape, cached: pixel centres [S, 2] (x, y), level of each position [S] int64, (w, h) per level
-        [L, 2] float32 and the level start index [L] int64."""
-        key = (tuple(spatial_shapes), str(device))
-        if key not in self._grids:
-            centres, levels = [], []
-            for level, (height, width) in enumerate(spatial_shapes):
-                ys = torch.arange(height, dtype=torch.float32, device=device) + 0.5  # [h]
-                xs = torch.arange(width, dtype=torch.float32, device=device) + 0.5  # [w]
-                grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)  # [h*w, 2] (x, y)
-                centres.append(grid)
-                levels.append(torch.full((height * width,), level, dtype=torch.int64, device=device))
-            sizes = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=device)  # [L, 2]
-            areas = torch.tensor([h * w for h, w in spatial_shapes], dtype=torch.int64, device=device)
-            start = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])  # [L]
-            if len(self._grids) >= _CACHE_SIZE:
-                self._grids.pop(next(iter(self._grids)))
-            self._grids[key] = (torch.cat(centres), torch.cat(levels), sizes, start)
-        return self._grids[key]
 
     @staticmethod
     def valid_ratios(masks: Sequence[Tensor]) -> Tensor:
@@ -638,7 +635,7 @@ class DeformableTransformer(nn.Module):
             raise ValueError("query_embed [Q, 2C] is required unless two_stage is on")
         batch, channels = srcs[0].shape[:2]
         spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
-        centres, level_index, sizes, level_start_index = self._pixel_grid(spatial_shapes, srcs[0].device)
+        centres, level_index, sizes, level_start_index = pixel_grid(spatial_shapes, srcs[0].device)
         # Contiguous [B, S, C] once here, so no layer reads a transposed view.
         src = torch.cat([s.flatten(2) for s in srcs], 2).transpose(1, 2).contiguous()  # [B, S, C]
         mask = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
@@ -712,4 +709,5 @@ __all__ = [
     "MSDeformAttn",
     "TransformerOutput",
     "inverse_sigmoid",
+    "pixel_grid",
 ]

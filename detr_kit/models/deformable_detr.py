@@ -9,8 +9,10 @@ Module names follow the reference implementation: ``input_proj.{l}.{0,1}`` (conv
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_kit.models.backbone.padding import run_backbone
@@ -44,6 +46,31 @@ def _masked_group_norm(x: Tensor, mask: Tensor, norm: nn.GroupNorm) -> Tensor:
     if norm.affine:
         out = out * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
     return out
+
+
+def extra_level_mask(image_mask: Tensor | None, previous_mask: Tensor, size: Sequence[int], exact_padding: bool) -> Tensor:
+    """The padding mask of an extra level made by a 3x3 stride-2 convolution.
+
+    The reference code resizes the *image* mask to the level's size with nearest interpolation, which is what
+    batched training and evaluation compute here. With ``exact_padding`` every image must get the level it
+    would get alone: a 3x3 stride-2 conv with padding 1 maps a valid extent n to ceil(n / 2), every other entry
+    of the previous level's mask. The two differ on padded batches whose size is not a multiple of the level's
+    stride (nearest sampling of the image mask rounds differently).
+
+    Args:
+        image_mask: [B, H, W] bool, True on padding, or None (no padding).
+        previous_mask: [B, H_prev, W_prev] the previous level's mask.
+        size: (H_l, W_l) of the new level.
+        exact_padding: whether the model runs with exact padding (see ``DeformableDETR``).
+
+    Returns:
+        [B, H_l, W_l] bool, True on padding.
+    """
+    if exact_padding:
+        return previous_mask[:, ::2, ::2]
+    if image_mask is None:
+        return previous_mask.new_zeros(previous_mask.shape[0], *size)
+    return F.interpolate(image_mask[None].float(), size=tuple(size))[0].bool()
 
 
 class DeformableDETR(nn.Module):
@@ -193,7 +220,9 @@ class DeformableDETR(nn.Module):
 
     def _project(self, index: int, x: Tensor, mask: Tensor) -> Tensor:
         conv, norm = self.input_proj[index]
-        x = conv(x)  # [B, C, H_l, W_l]
+        return self._normalize(norm, conv(x), mask)  # [B, C, H_l, W_l]
+
+    def _normalize(self, norm: nn.GroupNorm, x: Tensor, mask: Tensor) -> Tensor:
         if self.exact_padding and bool(mask.any()):
             return _masked_group_norm(x, mask, norm)
         return norm(x)
@@ -219,9 +248,10 @@ class DeformableDETR(nn.Module):
             previous = features[-1].features if index == len(features) else srcs[-1]
             if self.exact_padding:  # the stride-2 conv must see zeros beyond the image, as it would alone
                 previous = previous.masked_fill(masks[-1][:, None], 0.0)
-            # A 3x3 stride-2 conv with padding 1 maps a valid extent n to ceil(n / 2): every other mask entry.
-            masks.append(masks[-1][:, ::2, ::2])
-            srcs.append(self._project(index, previous, masks[-1]))
+            conv, norm = self.input_proj[index]
+            src = conv(previous)  # [B, C, H_l, W_l]
+            masks.append(extra_level_mask(mask, masks[-1], src.shape[-2:], self.exact_padding))  # [B, H_l, W_l]
+            srcs.append(self._normalize(norm, src, masks[-1]))
         return self.forward_levels(srcs, masks)
 
     def forward_levels(self, srcs: list[Tensor], masks: list[Tensor]) -> DetectionOutput:
@@ -251,4 +281,4 @@ class DeformableDETR(nn.Module):
         return DetectionOutput(logits[-1], boxes[-1], aux, encoder)
 
 
-__all__ = ["DeformableDETR"]
+__all__ = ["DeformableDETR", "extra_level_mask"]

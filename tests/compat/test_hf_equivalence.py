@@ -70,30 +70,33 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
             buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
 
 
-def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two images padded to 128 x 128: the second one is 64 x 100 with zero padding.
+def batch(seed: int = 0, size: tuple[int, int] = (128, 128), valid: tuple[tuple[int, int], ...] = ((128, 128), (64, 100))):
+    """Two images padded to ``size``; image i is ``valid[i]`` (h, w) with zero padding.
 
-    The sizes keep every level's mask the same whether it is resized from the image mask (the reference code and
-    Hugging Face) or subsampled from the C5 mask (detr_kit's Deformable-DETR for its extra stride-64 level);
-    e.g. a 96-pixel-high batch with a 64-pixel image makes them differ.
+    The default sizes keep every level's mask the same however it is derived; the 321 x 390 batch of
+    ``PADDED_321x390`` does not: there the stride-64 level's mask must be the image mask resized with nearest
+    interpolation (the reference code and Hugging Face), not every other entry of the C5 mask.
     """
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(2, 3, 128, 128, generator=generator)
-    pixel_mask = torch.ones(2, 128, 128, dtype=torch.long)  # HF: 1 = real pixel
-    pixel_mask[1, 64:, :] = 0
-    pixel_mask[1, :, 100:] = 0
-    images[1] *= pixel_mask[1]
+    images = torch.randn(2, 3, *size, generator=generator)
+    pixel_mask = torch.zeros(2, *size, dtype=torch.long)  # HF: 1 = real pixel
+    for index, (height, width) in enumerate(valid):
+        pixel_mask[index, :height, :width] = 1
+    images *= pixel_mask[:, None]
     return images, pixel_mask
 
 
-def compare(hf_model: torch.nn.Module, hf_config) -> None:
+PADDED_321x390 = dict(size=(321, 390), valid=((280, 390), (321, 300)))
+
+
+def compare(hf_model: torch.nn.Module, hf_config, **batch_kwargs) -> None:
     hf_model.eval()
     state = hf_model.state_dict()
     assert detect_checkpoint_format(state) == "hf"
     overrides = detect_hf_variant(state, hf_config.to_dict())
     model = build_model(load_config(CONFIG, overrides_to_strings(overrides))).eval()
     model.load_state_dict(convert_hf_checkpoint(state), strict=True)
-    images, pixel_mask = batch()
+    images, pixel_mask = batch(**batch_kwargs)
     with torch.no_grad():
         expected = hf_model(pixel_values=images, pixel_mask=pixel_mask)
         actual = model(images, ~pixel_mask.bool())  # detr_kit: True = padding
@@ -115,12 +118,13 @@ def test_detr_matches_hugging_face(timm_backbone: bool) -> None:
     compare(hf_model, config)
 
 
+@pytest.mark.parametrize("padding", [{}, PADDED_321x390], ids=["padded_128", "padded_321x390"])
 @pytest.mark.parametrize(
     "variant",
     [dict(), dict(with_box_refine=True), dict(with_box_refine=True, two_stage=True)],
     ids=["multi_scale", "refine", "two_stage"],
 )
-def test_deformable_detr_matches_hugging_face(variant: dict) -> None:
+def test_deformable_detr_matches_hugging_face(variant: dict, padding: dict) -> None:
     torch.manual_seed(0)
     config = transformers.DeformableDetrConfig(
         backbone="resnet18", use_timm_backbone=True, num_queries=12, two_stage_num_proposals=12,
@@ -128,7 +132,7 @@ def test_deformable_detr_matches_hugging_face(variant: dict) -> None:
     )  # fmt: skip
     hf_model = transformers.DeformableDetrForObjectDetection(config)
     randomize(hf_model, seed=2)
-    compare(hf_model, config)
+    compare(hf_model, config, **padding)
 
 
 def test_untied_copies_and_unknown_keys_are_errors() -> None:

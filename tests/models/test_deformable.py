@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from detr_kit.models.deformable import DeformableTransformer, MSDeformAttn, inverse_sigmoid
+from detr_kit.models.deformable import DeformableTransformer, MSDeformAttn, inverse_sigmoid, pixel_grid
 from detr_kit.models.deformable_detr import DeformableDETR
 from detr_kit.models.position import SinePositionEncoding
 from references import bilinear_reference
@@ -181,7 +181,7 @@ def test_encoder_reference_points_are_pixel_centres_of_the_valid_region():
     masks[1][0, :, 2:] = True  # valid 2 x 2 of 2 x 3
     ratios = transformer.valid_ratios(masks)
     torch.testing.assert_close(ratios, torch.tensor([[[4 / 6, 1.0], [2 / 3, 1.0]]]))
-    centres, levels, sizes, start = transformer._pixel_grid([(4, 6), (2, 3)], torch.device("cpu"))
+    centres, levels, sizes, start = pixel_grid([(4, 6), (2, 3)], torch.device("cpu"))
     assert centres.shape == (30, 2) and levels.tolist() == [0] * 24 + [1] * 6 and start.tolist() == [0, 24]
     torch.testing.assert_close(centres[7], torch.tensor([1.5, 1.5]))  # row 1, column 1 of level 0
     torch.testing.assert_close(sizes, torch.tensor([[6.0, 4.0], [3.0, 2.0]]))

@@ -162,3 +162,34 @@ def test_overfits_a_fixed_batch():
         if losses[-1] < losses[0] / 2:
             break
     assert losses[-1] < losses[0] / 2, losses
+
+
+@pytest.mark.parametrize("name", ["deformable_detr", "deformable_detr_two_stage"])
+def test_extra_level_masks_follow_the_reference_on_padded_batches(name):
+    """The stride-64 level's mask is the image mask resized with nearest interpolation (the reference code's
+    formulation, written out here), on a padded batch whose size is no multiple of 64 (321 x 390)."""
+    import torch.nn.functional as F
+
+    _, model = build(name, [*TINY, "model.num_feature_levels=4", "model.backbone.norm=frozen_bn"])
+    model = model.double().eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 321, 390, generator=generator, dtype=torch.float64)
+    mask = torch.ones(2, 321, 390, dtype=torch.bool)
+    mask[0, :280, :390] = False
+    mask[1, :321, :300] = False
+    images = images.masked_fill(mask[:, None], 0.0)
+    with torch.no_grad():
+        got = model(images, mask)
+        # The reference: backbone levels, then each extra level from a stride-2 conv, its mask the image mask
+        # resized to the level's size (nearest), GroupNorm over the whole map.
+        features = model.backbone(images, mask)
+        srcs = [projection(f.features) for projection, f in zip(model.input_proj, features)]
+        masks = [f.mask for f in features]
+        for index in range(len(features), 4):
+            srcs.append(model.input_proj[index](features[-1].features if index == len(features) else srcs[-1]))
+            masks.append(F.interpolate(mask[None].float(), size=srcs[-1].shape[-2:])[0].bool())
+        expected = model.forward_levels(srcs, masks)
+    # the case is one where subsampling the C5 mask would give another mask
+    assert not torch.equal(masks[-1], masks[-2][:, ::2, ::2])
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.boxes, expected.boxes, atol=1e-5, rtol=0)
