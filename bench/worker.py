@@ -65,7 +65,8 @@ def random_targets(batch: int, num_boxes: int, num_classes: int, seed: int = 0):
 
 
 def ours_model(model_key: str, extra: list[str], device: torch.device):
-    from detr_kit.build import build_criterion, build_model, build_optimizer
+    from detr_kit.build import build_criterion, build_model
+    from detr_kit.engine.optim import build_optimizer
     from detr_kit.config import load_config
 
     path, overrides = MODELS[model_key]

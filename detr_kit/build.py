@@ -39,7 +39,6 @@ def build_backbone(cfg: BackboneConfig, return_strides: tuple[int, ...]) -> nn.M
             trainable_stages=cfg.trainable_stages,
             norm=cfg.norm,
             weights=cfg.weights,
-            channels_last=cfg.channels_last,
         )
     from detr_kit.models.backbone.vit import ViTBackbone
 
@@ -66,7 +65,8 @@ def build_position_encoding(cfg: ModelConfig) -> nn.Module:
 
 
 def build_model(cfg: Config | ModelConfig, num_classes: int | None = None) -> nn.Module:
-    """Build the detector the config describes.
+    """Build the detector the config describes: the plain model, with ``detr_kit.fast.optimize`` applied unless
+    ``model.fast`` is false, and ``torch.compile`` with ``model.compile``.
 
     Args:
         cfg: a Config or its ModelConfig.
@@ -74,14 +74,11 @@ def build_model(cfg: Config | ModelConfig, num_classes: int | None = None) -> nn
     """
     m = _model_config(cfg)
     k = resolve_num_classes(m, num_classes)
-    if m.arch == "detr":
-        model = _build_detr(m, k)
-    else:
-        model = _build_deformable_detr(m, k)
-    if m.attention_dropout is not None or m.activation_dropout is not None:
-        from detr_kit.models.transformer import set_dropout
+    model = _build_detr(m, k) if m.deformable is None else _build_deformable_detr(m, k)
+    if m.fast:
+        from detr_kit.fast import optimize
 
-        set_dropout(model, attention=m.attention_dropout, activation=m.activation_dropout)
+        optimize(model, ffn_checkpointing=m.deformable is not None and m.deformable.ffn_checkpointing)
     if m.compile:
         import torch
 
@@ -94,7 +91,6 @@ def _build_detr(m: ModelConfig, num_classes: int) -> nn.Module:
     from detr_kit.models.transformer import Transformer
 
     strides = (16,) if m.backbone.dilation or m.backbone.name.startswith("vit") else (32,)
-    backbone = build_backbone(m.backbone, strides)
     transformer = Transformer(
         m.hidden_dim,
         num_heads=m.num_heads,
@@ -102,50 +98,39 @@ def _build_detr(m: ModelConfig, num_classes: int) -> nn.Module:
         num_decoder_layers=m.num_decoder_layers,
         dim_feedforward=m.dim_feedforward,
         dropout=m.dropout,
+        attention_dropout=m.attention_dropout,
+        activation_dropout=m.activation_dropout,
     )
-    return DETR(
-        backbone,
-        build_position_encoding(m),
-        transformer,
-        num_classes=num_classes,
-        num_queries=m.num_queries,
-        aux_loss=m.aux_loss,
-        exact_padding=m.exact_padding,
-    )
+    position = build_position_encoding(m)
+    return DETR(build_backbone(m.backbone, strides), position, transformer, num_classes, m.num_queries, m.aux_loss)
 
 
 def _build_deformable_detr(m: ModelConfig, num_classes: int) -> nn.Module:
+    from detr_kit.models import deformable as parts
     from detr_kit.models.deformable_detr import DeformableDETR
+    from detr_kit.models.heads import deformable_heads
     from detr_kit.models.position import SinePositionEncoding
 
-    # C3-C5 (strides 8, 16, 32) for multi-scale, C5 alone for single-scale.
+    d = m.deformable
     c5_stride = 16 if m.backbone.dilation else 32  # DC5: layer4 dilated instead of strided
-    backbone = build_backbone(m.backbone, (8, 16, c5_stride) if m.num_feature_levels > 1 else (c5_stride,))
+    backbone = build_backbone(m.backbone, (8, 16, c5_stride)[-parts.backbone_level_count(d.num_feature_levels) :])
+    levels = parts.FeatureLevels(backbone.channels, m.hidden_dim, d.num_feature_levels)
     if m.position_embedding == "sine":  # Deformable-DETR's sine encoding measures from pixel centres (offset -0.5)
         position = SinePositionEncoding(m.hidden_dim // 2, temperature=10000.0, normalize=True, scale=2 * math.pi, offset=-0.5)
     else:
         position = build_position_encoding(m)
-    return DeformableDETR(
-        backbone,
-        position,
-        num_classes=num_classes,
-        num_queries=m.num_proposals if m.two_stage else m.num_queries,
-        hidden_dim=m.hidden_dim,
-        num_heads=m.num_heads,
-        num_encoder_layers=m.num_encoder_layers,
-        num_decoder_layers=m.num_decoder_layers,
-        dim_feedforward=m.dim_feedforward,
-        dropout=m.dropout,
-        num_feature_levels=m.num_feature_levels,
-        enc_points=m.enc_points,
-        dec_points=m.dec_points,
-        aux_loss=m.aux_loss,
-        box_refine=m.box_refine,
-        two_stage=m.two_stage,
-        exact_padding=m.exact_padding,
-        activation_checkpointing=m.activation_checkpointing,
-        ffn_checkpointing=m.ffn_checkpointing,
+    class_embed, bbox_embed = deformable_heads(m.hidden_dim, num_classes, m.num_decoder_layers, d.box_refine, d.two_stage)
+    sizes = (m.hidden_dim, m.dim_feedforward, d.num_feature_levels, m.num_heads)
+    encoder_layer = parts.DeformableEncoderLayer(*sizes, d.enc_points, m.dropout, m.activation_dropout)
+    decoder_layer = parts.DeformableDecoderLayer(*sizes, d.dec_points, m.dropout, m.attention_dropout, m.activation_dropout)
+    encoder = parts.DeformableEncoder(encoder_layer, m.num_encoder_layers, d.activation_checkpointing)
+    decoder = parts.DeformableDecoder(
+        decoder_layer, m.num_decoder_layers,
+        bbox_embed=bbox_embed if d.box_refine else None, class_embed=class_embed if d.two_stage else None,
     )
+    transformer = parts.DeformableTransformer(encoder, decoder, two_stage=d.two_stage, num_proposals=d.num_proposals)
+    num_queries = d.num_proposals if d.two_stage else m.num_queries
+    return DeformableDETR(backbone, levels, position, transformer, class_embed, bbox_embed, num_queries, m.aux_loss)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -188,148 +173,6 @@ def build_postprocessor(cfg: Config | ModelConfig) -> nn.Module:
     if isinstance(cfg, Config):
         return PostProcess(focal=cfg.model.uses_focal, top_k=cfg.eval.top_k, score_threshold=cfg.eval.score_threshold)
     return PostProcess(focal=cfg.uses_focal)
-
-
-# ---------------------------------------------------------------------------------------------- optimizer
-
-from detr_kit.config import TrainConfig  # noqa: E402  (the optimizer section reads only this part)
-
-_NO_DECAY_PARAM_NAMES = ("level_embed", "pos_embed", "cls_token", "mask_token")
-_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-
-
-def _is_backbone_param(name: str) -> bool:
-    return "backbone" in name.split(".")
-
-
-def _vit_layer_scale(name: str, layer_decay: float, num_blocks: int) -> float:
-    """ViT layer-wise lr decay (BEiT / ViTDet): ``backbone.blocks.{i}.`` -> decay^(num_blocks - i),
-    the patch embedding, position embedding and class token -> decay^(num_blocks + 1), anything else 1."""
-    parts = name.split(".")
-    if "blocks" in parts:
-        index = parts.index("blocks")
-        if index + 1 < len(parts) and parts[index + 1].isdigit():
-            return layer_decay ** (num_blocks - int(parts[index + 1]))
-    if any(key in name for key in ("patch_embed", "pos_embed", "cls_token")):
-        return layer_decay ** (num_blocks + 1)
-    return 1.0
-
-
-def _no_weight_decay_names(model: nn.Module) -> set[str]:
-    """Parameters that take no weight decay: biases, norm weights, embeddings and 1-d parameters."""
-    names = set()
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            if (
-                param.ndim <= 1
-                or param_name == "bias"
-                or isinstance(module, (nn.Embedding, *_NORM_TYPES))
-                or param_name in _NO_DECAY_PARAM_NAMES
-            ):
-                names.add(full)
-    return names
-
-
-def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> "torch.optim.AdamW":
-    """AdamW over the model's parameters, in groups by learning rate and weight decay.
-
-    - backbone parameters (a ``backbone`` component in the name) train at ``lr_backbone``; with
-      ``lr_backbone == 0`` they are frozen (``requires_grad=False``) and left out;
-    - Deformable-DETR's ``sampling_offsets`` and ``reference_points`` train at ``lr * lr_linear_proj_mult``;
-    - with ``no_weight_decay_on_norm_bias``, biases, norm weights and embeddings take no weight decay;
-    - with ``layer_decay < 1``, ViT backbone blocks ``backbone.blocks.{i}.`` take ``decay^(num_blocks - i)``
-      times the backbone lr.
-
-    Each group carries a ``name`` and its base ``lr``; the scheduler multiplies every group's lr alike.
-    """
-    import re
-
-    import torch
-
-    t = train_cfg
-    params = list(model.named_parameters())
-    if t.lr_backbone == 0:
-        for name, param in params:
-            if _is_backbone_param(name):
-                param.requires_grad_(False)
-    no_decay = _no_weight_decay_names(model) if t.no_weight_decay_on_norm_bias else set()
-    block_ids = {int(m.group(1)) for name, _ in params if (m := re.search(r"backbone\.(?:.*\.)?blocks\.(\d+)\.", name))}
-    num_blocks = max(block_ids) + 1 if block_ids else 0
-
-    groups: dict[tuple[str, float, float], dict] = {}
-    for name, param in params:
-        if not param.requires_grad:
-            continue
-        if _is_backbone_param(name):
-            kind, lr = "backbone", t.lr_backbone
-            if t.layer_decay < 1.0 and num_blocks:
-                lr *= _vit_layer_scale(name, t.layer_decay, num_blocks)
-        elif "sampling_offsets" in name or "reference_points" in name:
-            kind, lr = "linear_proj", t.lr * t.lr_linear_proj_mult
-        else:
-            kind, lr = "main", t.lr
-        decay = 0.0 if name in no_decay else t.weight_decay
-        key = (kind, lr, decay)
-        if key not in groups:
-            groups[key] = {"name": f"{kind}/lr={lr:.3g}/wd={decay:g}", "params": [], "param_names": [],
-                           "lr": lr, "weight_decay": decay}
-        groups[key]["params"].append(param)
-        groups[key]["param_names"].append(name)
-    if not groups:
-        raise ValueError("build_optimizer: the model has no trainable parameters (is train.lr_backbone=0 "
-                         "freezing everything?)")
-    # The fused kernel (one pass per tensor) is ~4x faster than the per-tensor loop on CPU; it needs floating
-    # parameters on CPU or CUDA.
-    params = [p for g in groups.values() for p in g["params"]]
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(list(groups.values()), lr=t.lr, weight_decay=t.weight_decay, fused=fused)
-
-
-class LrFactor:
-    """The per-step lr multiplier: linear warm-up, then step decay at epoch boundaries or cosine.
-
-    A callable object (not a lambda) so that ``LambdaLR.state_dict`` saves its settings with the checkpoint.
-
-    Args:
-        steps_per_epoch: optimizer steps in one epoch (after gradient accumulation).
-        epochs: total epochs (the cosine schedule reaches 0 at the end).
-        schedule: "step" or "cosine".
-        drop_epochs: epochs at which the step schedule multiplies the lr by ``drop_factor``.
-        drop_factor: the step schedule's factor.
-        warmup_steps: linear warm-up length in steps (0 = none); the factor rises from 1/warmup_steps to 1.
-    """
-
-    def __init__(self, steps_per_epoch: int, epochs: int, schedule: str = "step", drop_epochs: tuple[int, ...] = (),
-                 drop_factor: float = 0.1, warmup_steps: int = 0) -> None:
-        if steps_per_epoch < 1:
-            raise ValueError(f"LrFactor: steps_per_epoch={steps_per_epoch!r} is invalid; allowed: an integer >= 1")
-        if schedule not in ("step", "cosine"):
-            raise ValueError(f"LrFactor: schedule={schedule!r} is invalid; allowed: 'step' or 'cosine'")
-        self.steps_per_epoch = int(steps_per_epoch)
-        self.total_steps = int(steps_per_epoch * epochs)
-        self.schedule = schedule
-        self.drop_epochs = tuple(int(e) for e in drop_epochs)
-        self.drop_factor = float(drop_factor)
-        self.warmup_steps = int(warmup_steps)
-
-    def __call__(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        if self.schedule == "step":
-            epoch = step // self.steps_per_epoch
-            return warm * self.drop_factor ** sum(epoch >= e for e in self.drop_epochs)
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, max(0, step - self.warmup_steps) / span)
-        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_lr_scheduler(optimizer: "torch.optim.Optimizer", train_cfg: TrainConfig, steps_per_epoch: int):
-    """A LambdaLR stepped once per optimizer step (see :class:`LrFactor`)."""
-    import torch
-
-    t = train_cfg
-    factor = LrFactor(steps_per_epoch, t.epochs, t.lr_schedule, t.lr_drop_epochs, t.lr_drop_factor, t.warmup_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -10,7 +10,6 @@ This module imports no torch.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 import re
@@ -75,7 +74,6 @@ class BackboneConfig:
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"  # frozen BN for pretrained weights; bn/gn from scratch
     trainable_stages: int = 3  # ResNet: how many of (layer4, layer3, layer2, layer1, stem) train, 0..5
     dilation: bool = False  # DC5: dilate the last stage instead of striding it
-    channels_last: bool = True  # ResNet body in channels-last memory: faster convolutions on CPU (docs/benchmarks.md)
     vit: ViTConfig = field(default_factory=ViTConfig)
 
 
@@ -95,38 +93,43 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class DeformableConfig:
+    """Deformable-DETR's own options; ``model.deformable: null`` is plain DETR. Defaults are the constructors'."""
+
+    num_feature_levels: int = 4  # L: C3-C5 from the backbone plus extra stride-2 levels (1 = C5 alone)
+    enc_points: int = 4  # sampling points per head and level in the encoder
+    dec_points: int = 4  # ... and in the decoder
+    box_refine: bool = False  # iterative box refinement: one box head per decoder layer
+    two_stage: bool = False  # decoder queries from the top encoder proposals (needs box_refine)
+    num_proposals: int = 300  # two-stage: encoder proposals kept as decoder queries
+    activation_checkpointing: bool = False  # recompute whole encoder layers in backward (least memory, slower)
+    ffn_checkpointing: bool = True  # model.fast only: recompute the encoder's feed-forward blocks in backward
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["detr", "deformable_detr"] = "detr"
     num_classes: int | None = None  # K; None = taken from the dataset's categories
-    num_queries: int = 100
+    num_queries: int = 100  # Deformable-DETR configs set 300
     hidden_dim: int = 256
     num_heads: int = 8
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
-    dim_feedforward: int = 2048
+    dim_feedforward: int = 2048  # Deformable-DETR configs set 1024
     dropout: float = 0.1  # residual branches; also the two below unless they are set (the papers: 0.1 everywhere)
     attention_dropout: float | None = None  # on attention weights; None = dropout (transformers' configs: 0.0)
     activation_dropout: float | None = None  # after the feed-forward ReLU; None = dropout (transformers' configs: 0.0)
     position_embedding: Literal["sine", "learned"] = "sine"
     aux_loss: bool = True
-    exact_padding: bool = False  # run the backbone on each image unpadded (evaluation turns it on, see EvalConfig)
-    # Deformable-DETR
-    num_feature_levels: int = 4
-    enc_points: int = 4
-    dec_points: int = 4
-    box_refine: bool = False
-    two_stage: bool = False
-    num_proposals: int = 300  # two-stage: encoder proposals kept as decoder references
-    focal: bool | None = None  # sigmoid focal classification; None = the arch's default (deformable: yes)
+    focal: bool | None = None  # sigmoid focal classification; None = the architecture's (Deformable-DETR: yes)
+    fast: bool = True  # detr_kit.fast.optimize: the same function from faster, leaner modules; false = the plain model
     compile: bool = False  # torch.compile the model
-    activation_checkpointing: bool = False  # Deformable-DETR: recompute encoder activations in backward (less memory)
-    ffn_checkpointing: bool = True  # Deformable-DETR: recompute only the encoder's feed-forward blocks in backward
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    deformable: DeformableConfig | None = None  # None = DETR
     loss: LossConfig = field(default_factory=LossConfig)
 
     @property
     def uses_focal(self) -> bool:
-        return self.arch == "deformable_detr" if self.focal is None else self.focal
+        return self.deformable is not None if self.focal is None else self.focal
 
 
 @dataclass(frozen=True)
@@ -249,10 +252,7 @@ def _validate(cfg: Config, source: str) -> None:
         fail("model.backbone.name", m.backbone.name, f"one of {', '.join(RESNETS + VITS)}{hint}")
     if m.num_classes is not None and m.num_classes < 1:
         fail("model.num_classes", m.num_classes, "an integer >= 1, or null to take it from the dataset")
-    for key in ("num_queries", "hidden_dim", "num_heads", "dim_feedforward", "enc_points", "dec_points", "num_proposals"):
-        if getattr(m, key) < 1:
-            fail(f"model.{key}", getattr(m, key), "an integer >= 1")
-    for key in ("num_encoder_layers", "num_decoder_layers"):
+    for key in ("num_queries", "hidden_dim", "num_heads", "dim_feedforward", "num_encoder_layers", "num_decoder_layers"):
         if getattr(m, key) < 1:
             fail(f"model.{key}", getattr(m, key), "an integer >= 1")
     if m.hidden_dim % m.num_heads:
@@ -263,12 +263,18 @@ def _validate(cfg: Config, source: str) -> None:
         p = getattr(m, key)
         if p is not None and not 0.0 <= p < 1.0:
             fail(f"model.{key}", p, "a probability in [0, 1)" + (" or null (= model.dropout)" if key != "dropout" else ""))
-    if not 1 <= m.num_feature_levels <= 5:
-        fail("model.num_feature_levels", m.num_feature_levels, "1..5 (C3-C5 from the backbone plus extra stride-2 levels)")
-    if m.arch == "detr" and (m.box_refine or m.two_stage):
-        fail("model.arch", m.arch, "'deformable_detr' when model.box_refine or model.two_stage is on")
-    if m.two_stage and not m.box_refine:
-        fail("model.box_refine", m.box_refine, "true when model.two_stage is on (as in the reference code)")
+    if m.deformable is not None:
+        f = m.deformable
+        for key in ("enc_points", "dec_points", "num_proposals"):
+            if getattr(f, key) < 1:
+                fail(f"model.deformable.{key}", getattr(f, key), "an integer >= 1")
+        if not 1 <= f.num_feature_levels <= 5:
+            fail("model.deformable.num_feature_levels", f.num_feature_levels,
+                 "1..5 (C3-C5 from the backbone plus extra stride-2 levels)")
+        if f.two_stage and not f.box_refine:
+            fail("model.deformable.box_refine", f.box_refine, "true when model.deformable.two_stage is on (as in the reference code)")
+        if m.hidden_dim % 32:
+            fail("model.hidden_dim", m.hidden_dim, "a multiple of 32 for Deformable-DETR (its input projections' GroupNorm has 32 groups)")
     if not 0 <= m.backbone.trainable_stages <= 5:
         fail("model.backbone.trainable_stages", m.backbone.trainable_stages, "0..5")
     if m.backbone.name in VITS and m.backbone.dilation:
@@ -387,7 +393,9 @@ def _apply_override(data: dict, item: str, source: str) -> None:
     _check_path(Config, keys, source)
     node = data
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
+        if node.get(key) is None:  # a section that is null (model.deformable on DETR) or absent: start from defaults
+            node[key] = {}
+        node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: cannot set {dotted}: {key} is not a section")
     node[keys[-1]] = value
@@ -409,6 +417,10 @@ def _check_path(cls: type, keys: list[str], source: str) -> None:
 def _unknown_key(cls: type, key: str, prefix: str, source: str) -> typing.NoReturn:
     valid = sorted(get_type_hints(cls))
     full = f"{prefix}.{key}" if prefix else key
+    if cls is ModelConfig and key in _MOVED_MODEL_KEYS:
+        moved = _MOVED_MODEL_KEYS[key]
+        where = f"model.{moved}" if moved else ("model.deformable (null = DETR)" if key == "arch" else "eval.exact_padding")
+        raise ConfigError(f"{source}: unknown key {full!r}; it moved to {where}")
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}? " if close else ""
     raise ConfigError(f"{source}: unknown key {full!r}; {hint}valid keys here: {', '.join(valid)}")
@@ -421,10 +433,47 @@ def _dataclass_in(tp: Any) -> type | None:
     return None
 
 
+# Keys of the flat model section of earlier versions -> where they live now (None: gone, with the reason).
+_MOVED_MODEL_KEYS = {
+    "num_feature_levels": "deformable.num_feature_levels",
+    "enc_points": "deformable.enc_points",
+    "dec_points": "deformable.dec_points",
+    "box_refine": "deformable.box_refine",
+    "two_stage": "deformable.two_stage",
+    "num_proposals": "deformable.num_proposals",
+    "activation_checkpointing": "deformable.activation_checkpointing",
+    "ffn_checkpointing": "deformable.ffn_checkpointing",
+    "arch": None,  # model.deformable: null is DETR, a mapping Deformable-DETR
+    "exact_padding": None,  # an argument of the forward pass; evaluation: eval.exact_padding
+}
+_GONE_BACKBONE_KEYS = ("channels_last",)  # a speed layout that detr_kit.fast applies (model.fast)
+
+
+def migrate_model_section(model: Mapping[str, Any]) -> dict:
+    """The model section in today's layout, from a flat one of earlier versions (``model.arch`` and the Deformable-DETR
+    keys beside the others, as configs saved in older checkpoints have it). Today's layout is returned unchanged."""
+    model = dict(model)
+    if "arch" not in model and not any(key in model for key, moved in _MOVED_MODEL_KEYS.items() if moved):
+        return model
+    deformable = model.get("arch", "detr") == "deformable_detr" or "deformable" in model and model["deformable"] is not None
+    section = dict(model.get("deformable") or {})
+    for key, moved in _MOVED_MODEL_KEYS.items():
+        if key in model:
+            value = model.pop(key)
+            if moved is not None and deformable:
+                section.setdefault(moved.split(".", 1)[1], value)
+    model["deformable"] = section if deformable else None
+    if isinstance(model.get("backbone"), Mapping):
+        model["backbone"] = {k: v for k, v in model["backbone"].items() if k not in _GONE_BACKBONE_KEYS}
+    return model
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, recursively, checking keys and types."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: {prefix or 'the config'} must be a mapping, got {data!r}")
+    if cls is Config and isinstance(data.get("model"), Mapping):
+        data = {**data, "model": migrate_model_section(data["model"])}
     hints = get_type_hints(cls)
     for key in data:
         if key not in hints:
@@ -533,6 +582,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DeformableConfig",
     "EvalConfig",
     "LossConfig",
     "ModelConfig",
@@ -542,6 +592,7 @@ __all__ = [
     "ViTConfig",
     "config_from_dict",
     "load_config",
+    "migrate_model_section",
     "save_config",
     "to_dict",
 ]

@@ -100,7 +100,7 @@ class Detector:
         transforms: preprocessing ``(image=HWC uint8, bboxes, labels, iscrowd) -> {"image": [3, H', W'] float}``;
             None = ``build_transforms(cfg.data, train=False)``, the evaluation pipeline.
 
-    The model is put in eval mode with ``exact_padding`` on, so an image gives the same detections alone or
+    The model is put in eval mode and run with ``exact_padding``, so an image gives the same detections alone or
     batched with larger images.
     """
 
@@ -130,7 +130,6 @@ class Detector:
             raise ValueError(f"Detector: the model has {num_classes} classes but the label map {len(label_map)}")
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
-        self.model.exact_padding = True
         self.cfg = cfg
         self.label_map = label_map
         self.threshold = float(threshold)
@@ -228,7 +227,7 @@ class Detector:
         use_amp = self.amp and self.device.type == "cuda"
         dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
         with torch.autocast("cuda", dtype=dtype) if use_amp else contextlib.nullcontext():
-            output = self.model(images, mask)
+            output = self.model(images, mask, exact_padding=True)
         output = type(output)(output.logits.float(), output.boxes.float(), (), None)
         detections = self.postprocessor(output, orig_sizes)
         names = self.label_map.names

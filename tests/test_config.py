@@ -78,10 +78,11 @@ def test_base_inheritance_and_cycles(tmp_path):
         ("train.lr=-1", "train.lr"),
         ("model.num_classes=0", "model.num_classes"),
         ("model.backbone.name=resnet51", "model.backbone.name"),
-        ("model.arch=deformable", "model.arch"),
+        ("model.arch=deformable", "model.arch"),  # moved: model.deformable
         ("model.hidden_dim=250", "model.hidden_dim"),
         ("data.batch_size=0", "data.batch_size"),
-        ("model.num_feature_levels=7", "model.num_feature_levels"),
+        ("model.deformable.num_feature_levels=7", "model.deformable.num_feature_levels"),
+        ("model.deformable.two_stage=true", "model.deformable.box_refine"),
         ("model.attention_dropout=1.0", "model.attention_dropout"),
         ("model.activation_dropout=-0.1", "model.activation_dropout"),
     ],
@@ -122,10 +123,11 @@ def test_attention_and_activation_dropout_set_apart_from_model_dropout(tiny):
     import torch
 
     from detr_kit.build import build_model
+    from detr_kit.fast.feed_forward import ReLUDropout
     from detr_kit.models.transformer import MultiheadAttention
     from tests.tiny_models import TINY_DEFORMABLE, TINY_DETR
 
-    base = TINY_DETR if tiny == "detr" else [*TINY_DEFORMABLE, "model.arch=deformable_detr"]
+    base = TINY_DETR if tiny == "detr" else TINY_DEFORMABLE
     images = torch.randn(1, 3, 64, 64)
 
     def build(*overrides):
@@ -138,7 +140,7 @@ def test_attention_and_activation_dropout_set_apart_from_model_dropout(tiny):
 
     model = build("model.attention_dropout=0.25", "model.activation_dropout=0.5")
     attention = [m.dropout for m in model.modules() if isinstance(m, MultiheadAttention)]
-    activation = [getattr(m, m.activation_dropout_name).p for m in model.modules() if hasattr(m, "activation_dropout_name")]
+    activation = [m.p for m in model.modules() if isinstance(m, ReLUDropout)]  # the fast layers' ReLU + dropout
     assert attention and set(attention) == {0.25}
     assert len(activation) == 4 and set(activation) == {0.5}  # 2 encoder + 2 decoder layers
     assert not random_in_training(build())  # model.dropout=0.0 in the tiny models: nothing random

@@ -95,7 +95,7 @@ def test_from_checkpoint_restores_model_config_and_labels(detector, label_map, t
                            "label_map": label_map.to_dict(), "id2label": label_map.id2label})
     restored = Detector.from_checkpoint(path, device="cpu", threshold=0.0)
     assert restored.label_map == label_map and restored.cfg.model == detector.cfg.model
-    assert not restored.model.training and restored.model.exact_padding
+    assert not restored.model.training
     _assert_same(detector(str(IMAGE)), restored(str(IMAGE)), atol=0.0)
 
 

@@ -13,4 +13,4 @@ TINY_DETR = [
     "model.num_queries=20",
     "model.dropout=0.0",
 ]
-TINY_DEFORMABLE = [*TINY_DETR, "model.num_proposals=20", "model.num_feature_levels=3"]
+TINY_DEFORMABLE = [*TINY_DETR, "model.deformable.num_proposals=20", "model.deformable.num_feature_levels=3"]

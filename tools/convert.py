@@ -39,11 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def default_config(overrides: dict) -> Path:
     """The configs/*.yaml closest to the detected variant (the overrides set every architecture field anyway)."""
-    if overrides["model.arch"] == "detr":
+    if "model.deformable" in overrides:  # set to None: DETR
         names = ["detr_r50.yaml"]
-    elif overrides.get("model.two_stage"):
+    elif overrides.get("model.deformable.two_stage"):
         names = ["deformable_detr_two_stage.yaml", "deformable_detr_refine.yaml", "deformable_detr.yaml"]
-    elif overrides.get("model.box_refine"):
+    elif overrides.get("model.deformable.box_refine"):
         names = ["deformable_detr_refine.yaml", "deformable_detr.yaml"]
     else:
         names = ["deformable_detr.yaml"]

@@ -160,8 +160,6 @@ def export_and_verify(
     With ``dynamic_size`` the export is checked at two input sizes (``check_sizes``), else at ``image_size`` only.
     """
     model = model.cpu().eval()
-    if hasattr(model, "exact_padding"):
-        model.exact_padding = False  # no mask goes in: nothing to crop
     sizes = check_sizes(image_size) if dynamic_size else [(int(image_size[0]), int(image_size[1]))]
     if fmt == "onnx":
         path = export_onnx(model, out, image_size, opset, dynamic_size=dynamic_size)

@@ -166,7 +166,8 @@ def detect_official_variant(checkpoint: Mapping[str, Any], dilation: bool | None
             the shapes of the plain model, so pass True for the ``*dc5*`` checkpoints without ``args``.
 
     Returns:
-        Config overrides as dotted keys (``model.arch``, ``model.num_classes``, ``model.backbone.name``, ...),
+        Config overrides as dotted keys (``model.deformable`` (None for DETR) or ``model.deformable.*``,
+        ``model.num_classes``, ``model.backbone.name``, ...),
         ready for :func:`overrides_to_strings` / ``Config.replace``.
 
     Raises:
@@ -184,7 +185,6 @@ def detect_official_variant(checkpoint: Mapping[str, Any], dilation: bool | None
         dilation = bool(args.get("dilation", False))
     encoder_linear = state_dict["transformer.encoder.layers.0.linear1.weight"]  # [F, C]
     overrides: dict[str, Any] = {
-        "model.arch": "deformable_detr" if deformable else "detr",
         "model.hidden_dim": int(encoder_linear.shape[1]),
         "model.num_heads": num_heads,
         "model.num_encoder_layers": _count_layers(state_dict, "transformer.encoder.layers."),
@@ -197,6 +197,7 @@ def detect_official_variant(checkpoint: Mapping[str, Any], dilation: bool | None
         "model.backbone.weights": None,
     }
     if not deformable:
+        overrides["model.deformable"] = None
         overrides["model.num_classes"] = int(state_dict["class_embed.weight"].shape[0]) - 1  # last = no object
         overrides["model.num_queries"] = int(state_dict["query_embed.weight"].shape[0])
         return overrides
@@ -219,23 +220,23 @@ def detect_official_variant(checkpoint: Mapping[str, Any], dilation: bool | None
     else:
         num_queries = int(state_dict["query_embed.weight"].shape[0])
     if two_stage:
-        overrides["model.num_proposals"] = num_queries
+        overrides["model.deformable.num_proposals"] = num_queries
     overrides.update(
         {
             "model.num_classes": int(state_dict["class_embed.0.weight"].shape[0]),
             "model.num_queries": num_queries,
-            "model.num_feature_levels": num_levels,
-            "model.enc_points": points("transformer.encoder.layers.0.self_attn"),
-            "model.dec_points": points("transformer.decoder.layers.0.cross_attn"),
-            "model.box_refine": box_refine or two_stage,
-            "model.two_stage": two_stage,
+            "model.deformable.num_feature_levels": num_levels,
+            "model.deformable.enc_points": points("transformer.encoder.layers.0.self_attn"),
+            "model.deformable.dec_points": points("transformer.decoder.layers.0.cross_attn"),
+            "model.deformable.box_refine": box_refine or two_stage,
+            "model.deformable.two_stage": two_stage,
         }
     )
     return overrides
 
 
 def overrides_to_strings(overrides: Mapping[str, Any]) -> list[str]:
-    """``{"model.arch": "detr"}`` -> ``["model.arch=\\"detr\\""]`` for ``load_config`` / ``Config.replace``."""
+    """``{"model.num_queries": 100}`` -> ``["model.num_queries=100"]`` for ``load_config`` / ``Config.replace``."""
     return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
 
 

@@ -264,15 +264,6 @@ def format_coco_summary(stats: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        inner = model.__dict__.get("_modules", {}).get("module") or model.__dict__.get("_modules", {}).get("_orig_mod")
-        if inner is None:
-            return model
-        model = inner
-
-
 def evaluate(
     model: nn.Module,
     postprocessor: nn.Module,
@@ -288,9 +279,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run ``model`` over ``loader`` and return COCO bbox metrics (see ``CocoEvaluator.summarize``).
 
-    The model runs in eval mode under ``torch.inference_mode``; its ``exact_padding`` attribute is set for
-    the run (so AP does not depend on the evaluation batch size) and, like the train/eval mode, restored
-    afterwards.
+    The model runs in eval mode under ``torch.inference_mode`` (its train/eval mode is restored afterwards), with
+    ``exact_padding`` passed to its forward so that AP does not depend on the evaluation batch size.
 
     Args:
         model: a detector, ``model(images [B,3,H,W], mask [B,H,W]) -> DetectionOutput`` (DDP or
@@ -302,34 +292,26 @@ def evaluate(
         device: where the model runs.
         amp: "off", "bf16" or "fp16" autocast.
         output_dir: where rank 0 writes metrics.json and detections.json; None writes nothing.
-        exact_padding: the value of ``model.exact_padding`` during the run.
+        exact_padding: run the backbone on each image unpadded (the detector's forward argument).
         verbose: print the COCO summary and the per-class table.
         backend: "pycocotools" or "fast" (see ``CocoEvaluator``).
     """
     device = torch.device(device)
-    inner = _unwrap(model)
     was_training = model.training
-    had_flag = hasattr(inner, "exact_padding")
-    old_flag = getattr(inner, "exact_padding", None)
     evaluator = CocoEvaluator(coco_gt, label_map, backend)
     model.eval()
-    inner.exact_padding = exact_padding
     try:
         with torch.inference_mode():
             for batch, targets in loader:
                 batch = batch.to(device, non_blocking=True)
                 with autocast(device, amp):
-                    output = model(batch.images, batch.mask)
+                    output = model(batch.images, batch.mask, exact_padding=exact_padding)
                 orig_sizes = torch.tensor([t.orig_size for t in targets], dtype=torch.int64, device=device)  # [B, 2]
                 output = outputs_to_float(output)
                 detections = postprocessor(output, orig_sizes)
                 evaluator.update(targets, detections)
     finally:
         model.train(was_training)
-        if had_flag:
-            inner.exact_padding = old_flag
-        else:
-            del inner.exact_padding
     return evaluator.summarize(output_dir, verbose=verbose)
 
 

@@ -122,89 +122,96 @@ def _match_loop(ious: np.ndarray, gt_ignore: np.ndarray, gt_crowd: np.ndarray, g
     return matched_nonzero, matched_ignored
 
 
-def fast_coco_eval(coco_gt: COCO, coco_dt: COCO, img_ids: Sequence | None = None) -> FastCocoEval:
-    """Evaluate bbox detections; equal to COCOeval(iouType="bbox") evaluate+accumulate+summarize.
+class _GroundTruths(NamedTuple):
+    """Ground truths of the evaluated images, grouped by (image, category), json order kept inside a group."""
 
-    Args:
-        coco_gt: ground truth (annotations need ``bbox``, ``area``, ``iscrowd``, ``category_id``, ``id``).
-        coco_dt: detections, e.g. ``coco_gt.loadRes(results)`` (``bbox``, ``area``, ``score``).
-        img_ids: the images to evaluate (``COCOeval.params.imgIds``); None = every ground-truth image.
+    group: np.ndarray  # [G] image index * K + category index
+    cat: np.ndarray  # [G] category index
+    box: np.ndarray  # [G, 4] xywh
+    crowd: np.ndarray  # [G] int(iscrowd) != 0 (IoU and matching)
+    id_nonzero: np.ndarray  # [G]
+    ignore: np.ndarray  # [G, A] crowd (truth value) or outside the area range
 
-    Returns:
-        FastCocoEval with stats [12], precision [T, R, K, A, M], recall [T, K, A, M] and the category ids.
-    """
-    params = Params(iouType="bbox")
-    iou_thrs, rec_thrs = params.iouThrs, params.recThrs  # [T], [R]
-    max_dets = sorted(params.maxDets)
-    area_rng = np.asarray(params.areaRng, dtype=np.float64)  # [A, 2]
-    img_ids = list(np.unique(sorted(coco_gt.getImgIds()) if img_ids is None else list(img_ids)))
-    cat_ids = list(np.unique(sorted(coco_gt.getCatIds())))
-    num_thrs, num_rec, num_cats, num_areas, num_max = len(iou_thrs), len(rec_thrs), len(cat_ids), len(area_rng), len(max_dets)
-    img_index = {img: i for i, img in enumerate(img_ids)}
-    cat_index = {cat: k for k, cat in enumerate(cat_ids)}
 
-    # ---- ground truths, grouped by (image, category) with their json order kept inside a group
-    gts, gt_img, gt_cat = _annotations(coco_gt, img_ids, img_index, cat_index)
-    gt_group = gt_img * max(num_cats, 1) + gt_cat  # [G]
-    order = np.argsort(gt_group, kind="mergesort")
-    gt_group, gt_cat = gt_group[order], gt_cat[order]
-    gt_box = _column(gts, "bbox", 4)[order]  # [G, 4] xywh
-    gt_area = _column(gts, "area")[order]  # [G]
+class _Detections(NamedTuple):
+    """Detections per group by score (stable), the best ``max_dets[-1]`` of each group kept."""
+
+    group: np.ndarray  # [D]
+    score: np.ndarray  # [D]
+    img: np.ndarray  # [D] image index
+    cat: np.ndarray  # [D] category index
+    rank: np.ndarray  # [D] position inside its group
+    box: np.ndarray  # [D, 4] xywh
+    area: np.ndarray  # [D]
+    id_positive: np.ndarray  # [D]
+
+
+def _ground_truths(coco_gt: COCO, img_index: dict, cat_index: dict, area_rng: np.ndarray) -> _GroundTruths:
+    gts, gt_img, gt_cat = _annotations(coco_gt, list(img_index), img_index, cat_index)
+    group = gt_img * max(len(cat_index), 1) + gt_cat  # [G]
+    order = np.argsort(group, kind="mergesort")
+    area = _column(gts, "area")[order]  # [G]
     iscrowd = [g.get("iscrowd", 0) for g in gts]
-    gt_crowd = np.asarray([int(c) != 0 for c in iscrowd], dtype=bool)[order]  # IoU and matching use int(iscrowd)
     crowd_flag = np.asarray([bool(c) for c in iscrowd], dtype=bool)[order]  # the ignore flag uses its truth value
-    gt_id_nonzero = (_column(gts, "id") != 0)[order]
-    gt_ignore = crowd_flag[:, None] | (gt_area[:, None] < area_rng[:, 0]) | (gt_area[:, None] > area_rng[:, 1])  # [G, A]
+    ignore = crowd_flag[:, None] | (area[:, None] < area_rng[:, 0]) | (area[:, None] > area_rng[:, 1])  # [G, A]
+    return _GroundTruths(
+        group[order], gt_cat[order], _column(gts, "bbox", 4)[order],
+        np.asarray([int(c) != 0 for c in iscrowd], dtype=bool)[order], (_column(gts, "id") != 0)[order], ignore,
+    )
 
-    # ---- detections: per group by score (stable), best max_dets[-1] kept
-    dts, dt_img, dt_cat = _annotations(coco_dt, img_ids, img_index, cat_index)
-    dt_score = _column(dts, "score")  # [N]
-    dt_group = dt_img * max(num_cats, 1) + dt_cat
-    order = np.lexsort((np.arange(len(dts)), -dt_score, dt_group))
-    starts = np.searchsorted(dt_group[order], dt_group[order], side="left")
-    dt_rank = np.arange(len(dts)) - starts  # [N] position inside its group
-    order = order[dt_rank < max_dets[-1]]
-    dt_rank = dt_rank[dt_rank < max_dets[-1]]
-    dt_group, dt_score, dt_img, dt_cat = dt_group[order], dt_score[order], dt_img[order], dt_cat[order]
-    dt_box = _column(dts, "bbox", 4)[order]  # [D, 4] xywh
-    dt_area = _column(dts, "area")[order]
-    dt_id_positive = (_column(dts, "id") > 0)[order]
-    num_dt = len(order)
 
-    # ---- (detection, ground truth) pairs of the same group, detection-major, gts in group order
-    gt_start = np.searchsorted(gt_group, dt_group, side="left")  # [D]
-    gt_count = np.searchsorted(gt_group, dt_group, side="right") - gt_start
+def _detections(coco_dt: COCO, img_index: dict, cat_index: dict, max_det: int) -> _Detections:
+    dts, dt_img, dt_cat = _annotations(coco_dt, list(img_index), img_index, cat_index)
+    score = _column(dts, "score")  # [N]
+    group = dt_img * max(len(cat_index), 1) + dt_cat
+    order = np.lexsort((np.arange(len(dts)), -score, group))
+    starts = np.searchsorted(group[order], group[order], side="left")
+    rank = np.arange(len(dts)) - starts  # [N] position inside its group
+    keep = rank < max_det
+    order, rank = order[keep], rank[keep]
+    return _Detections(
+        group[order], score[order], dt_img[order], dt_cat[order], rank, _column(dts, "bbox", 4)[order],
+        _column(dts, "area")[order], (_column(dts, "id") > 0)[order],
+    )
+
+
+def _match(gt: _GroundTruths, dt: _Detections, iou_thrs: np.ndarray, num_areas: int) -> tuple[np.ndarray, np.ndarray]:
+    """COCOeval's greedy matching: (matched to a gt with a nonzero id, matched to an ignored gt), each [D, A, T]."""
+    num_dt, num_thrs = len(dt.group), len(iou_thrs)
+    # (detection, ground truth) pairs of the same group, detection-major, gts in group order
+    gt_start = np.searchsorted(gt.group, dt.group, side="left")  # [D]
+    gt_count = np.searchsorted(gt.group, dt.group, side="right") - gt_start
     pair_dt = np.repeat(np.arange(num_dt), gt_count)  # [P]
     pair_offset = np.arange(len(pair_dt)) - np.repeat(np.cumsum(gt_count) - gt_count, gt_count)
     pair_gt = np.repeat(gt_start, gt_count) + pair_offset
-    pair_iou = bbox_iou(dt_box[pair_dt], gt_box[pair_gt], gt_crowd[pair_gt])  # [P]
-
+    pair_iou = bbox_iou(dt.box[pair_dt], gt.box[pair_gt], gt.crowd[pair_gt])  # [P]
     matched_nonzero = np.zeros((num_dt, num_areas, num_thrs), dtype=bool)  # dtMatches != 0
     matched_ignored = np.zeros((num_dt, num_areas, num_thrs), dtype=bool)  # matched to an ignored gt
 
     # Groups with a non-finite IoU take the reference loop; the rest are matched together, rank by rank.
     bad_dt = np.zeros(num_dt, dtype=bool)
     bad_dt[pair_dt[~np.isfinite(pair_iou)]] = True
-    bad_groups = np.unique(dt_group[bad_dt])
+    bad_groups = np.unique(dt.group[bad_dt])
     for group in bad_groups:
-        dsel = np.nonzero(dt_group == group)[0]
-        gsel = np.nonzero(gt_group == group)[0]
-        ious = bbox_iou(np.repeat(dt_box[dsel], len(gsel), 0), np.tile(gt_box[gsel], (len(dsel), 1)),
-                        np.tile(gt_crowd[gsel], len(dsel))).reshape(len(dsel), len(gsel))
+        dsel = np.nonzero(dt.group == group)[0]
+        gsel = np.nonzero(gt.group == group)[0]
+        ious = bbox_iou(np.repeat(dt.box[dsel], len(gsel), 0), np.tile(gt.box[gsel], (len(dsel), 1)),
+                        np.tile(gt.crowd[gsel], len(dsel))).reshape(len(dsel), len(gsel))
         matched_nonzero[dsel], matched_ignored[dsel] = _match_loop(
-            ious, gt_ignore[gsel].T, gt_crowd[gsel], gt_id_nonzero[gsel], dt_id_positive[dsel], iou_thrs)
-    regular = (gt_count > 0) & ~np.isin(dt_group, bad_groups)
-    available = np.ones((len(gt_group), num_areas, num_thrs), dtype=bool)  # not yet matched (crowds stay available)
+            ious, gt.ignore[gsel].T, gt.crowd[gsel], gt.id_nonzero[gsel], dt.id_positive[dsel], iou_thrs)
+    regular = (gt_count > 0) & ~np.isin(dt.group, bad_groups)
+    available = np.ones((len(gt.group), num_areas, num_thrs), dtype=bool)  # not yet matched (crowds stay available)
     thresholds = np.minimum(iou_thrs, 1 - 1e-10)  # [T]
     pair_keep = regular[pair_dt]
-    for rank in range(int(dt_rank[regular].max(initial=-1)) + 1):
-        dets = np.nonzero(regular & (dt_rank == rank))[0]  # [Dr], one per group
-        sel = np.nonzero(pair_keep & (dt_rank[pair_dt] == rank))[0]  # [Pr], detection-major
+    area_idx = np.arange(num_areas)[None, :, None]
+    for rank in range(int(dt.rank[regular].max(initial=-1)) + 1):
+        dets = np.nonzero(regular & (dt.rank == rank))[0]  # [Dr], one per group
+        sel = np.nonzero(pair_keep & (dt.rank[pair_dt] == rank))[0]  # [Pr], detection-major
         seg_start = np.searchsorted(pair_dt[sel], dets, side="left")  # [Dr]
         seg = np.repeat(np.arange(len(dets)), gt_count[dets])  # [Pr] which detection
         gt_of, iou = pair_gt[sel], pair_iou[sel]
         eligible = available[gt_of] & (iou[:, None, None] >= thresholds)  # [Pr, A, T]
-        priority = np.where(eligible, np.where(gt_ignore[gt_of][:, :, None], 1, 2), 0).astype(np.int8)  # regular first
+        priority = np.where(eligible, np.where(gt.ignore[gt_of][:, :, None], 1, 2), 0).astype(np.int8)  # regular first
         best_priority = np.maximum.reduceat(priority, seg_start, axis=0)  # [Dr, A, T]
         candidate = (priority == best_priority[seg]) & (priority > 0)
         iou_or_low = np.where(candidate, iou[:, None, None], -np.inf)
@@ -213,26 +220,30 @@ def fast_coco_eval(coco_gt: COCO, coco_dt: COCO, img_ids: Sequence | None = None
         best = np.maximum.reduceat(position, seg_start, axis=0)  # [Dr, A, T] the last of equal IoUs
         matched = best >= 0
         gt_hit = gt_of[np.maximum(best, 0)]  # [Dr, A, T]
-        area_idx = np.arange(num_areas)[None, :, None]
-        matched_nonzero[dets] = matched & gt_id_nonzero[gt_hit]
-        matched_ignored[dets] = matched & gt_ignore[gt_hit, area_idx]
-        taken = matched & ~gt_crowd[gt_hit] & dt_id_positive[dets][:, None, None]
+        matched_nonzero[dets] = matched & gt.id_nonzero[gt_hit]
+        matched_ignored[dets] = matched & gt.ignore[gt_hit, area_idx]
+        taken = matched & ~gt.crowd[gt_hit] & dt.id_positive[dets][:, None, None]
         d_idx, a_idx, t_idx = np.nonzero(taken)
         available[gt_hit[d_idx, a_idx, t_idx], a_idx, t_idx] = False
+    return matched_nonzero, matched_ignored
 
-    dt_outside = (dt_area[:, None] < area_rng[:, 0]) | (dt_area[:, None] > area_rng[:, 1])  # [D, A]
-    dt_ignored = matched_ignored | (~matched_nonzero & dt_outside[:, :, None])  # [D, A, T]
 
-    # ---- accumulate: per category, detections of all images by score (ties: image order, then rank)
+def _accumulate(
+    gt: _GroundTruths, dt: _Detections, matched_nonzero: np.ndarray, dt_ignored: np.ndarray, params: Any, num_cats: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """COCOeval.accumulate: precision [T, R, K, A, M] and recall [T, K, A, M] (-1 where a category has no gt)."""
+    iou_thrs, rec_thrs, max_dets = params.iouThrs, params.recThrs, sorted(params.maxDets)
+    num_thrs, num_rec, num_areas, num_max = len(iou_thrs), len(rec_thrs), len(params.areaRng), len(max_dets)
     precision = -np.ones((num_thrs, num_rec, num_cats, num_areas, num_max))
     recall = -np.ones((num_thrs, num_cats, num_areas, num_max))
-    by_score = np.lexsort((dt_rank, dt_img, -dt_score, dt_cat))  # [D] grouped by category
+    # Per category, detections of all images by score (ties: image order, then rank).
+    by_score = np.lexsort((dt.rank, dt.img, -dt.score, dt.cat))  # [D] grouped by category
     scored = ~dt_ignored[by_score]  # [D, A, T]
     # [A, T, D] contiguous: the cumulative sums below run along memory (fast), not across it.
     tp_all = np.ascontiguousarray((matched_nonzero[by_score] & scored).transpose(1, 2, 0))
     fp_all = np.ascontiguousarray((~matched_nonzero[by_score] & scored).transpose(1, 2, 0))
-    cat_sorted, rank_sorted = dt_cat[by_score], dt_rank[by_score]
-    regular_gt = np.stack([np.bincount(gt_cat[~gt_ignore[:, a]], minlength=num_cats) for a in range(num_areas)], 1)  # [K, A]
+    cat_sorted, rank_sorted = dt.cat[by_score], dt.rank[by_score]
+    regular_gt = np.stack([np.bincount(gt.cat[~gt.ignore[:, a]], minlength=num_cats) for a in range(num_areas)], 1)  # [K, A]
     bounds = np.searchsorted(cat_sorted, np.arange(num_cats + 1), side="left")  # category k: [bounds[k], bounds[k+1])
     for k in range(num_cats):
         areas = np.nonzero(regular_gt[k])[0]  # area ranges with ground truth (the others stay -1)
@@ -246,8 +257,7 @@ def fast_coco_eval(coco_gt: COCO, coco_dt: COCO, img_ids: Sequence | None = None
             tp = np.cumsum(np.ascontiguousarray(tp_k[:, :, kept]), axis=2).astype(float)  # [A', T, n]
             fp = np.cumsum(np.ascontiguousarray(fp_k[:, :, kept]), axis=2).astype(float)
             num = len(kept)
-            npig = regular_gt[k, areas][:, None, None]  # [A', 1, 1]
-            rc = tp / npig
+            rc = tp / regular_gt[k, areas][:, None, None]  # [A', T, n]
             pr = tp / (fp + tp + np.spacing(1))
             recall[:, k, areas, m] = rc[:, :, -1].T if num else 0
             pr = np.maximum.accumulate(pr[:, :, ::-1], axis=2)[:, :, ::-1]  # precision envelope
@@ -258,6 +268,32 @@ def fast_coco_eval(coco_gt: COCO, coco_dt: COCO, img_ids: Sequence | None = None
                     hit = inds < num
                     q[hit] = pr[i, t, inds[hit]]
                     precision[t, :, k, a, m] = q
+    return precision, recall
+
+
+def fast_coco_eval(coco_gt: COCO, coco_dt: COCO, img_ids: Sequence | None = None) -> FastCocoEval:
+    """Evaluate bbox detections; equal to COCOeval(iouType="bbox") evaluate+accumulate+summarize.
+
+    Args:
+        coco_gt: ground truth (annotations need ``bbox``, ``area``, ``iscrowd``, ``category_id``, ``id``).
+        coco_dt: detections, e.g. ``coco_gt.loadRes(results)`` (``bbox``, ``area``, ``score``).
+        img_ids: the images to evaluate (``COCOeval.params.imgIds``); None = every ground-truth image.
+
+    Returns:
+        FastCocoEval with stats [12], precision [T, R, K, A, M], recall [T, K, A, M] and the category ids.
+    """
+    params = Params(iouType="bbox")
+    area_rng = np.asarray(params.areaRng, dtype=np.float64)  # [A, 2]
+    img_ids = list(np.unique(sorted(coco_gt.getImgIds()) if img_ids is None else list(img_ids)))
+    cat_ids = list(np.unique(sorted(coco_gt.getCatIds())))
+    img_index = {img: i for i, img in enumerate(img_ids)}
+    cat_index = {cat: k for k, cat in enumerate(cat_ids)}
+    gt = _ground_truths(coco_gt, img_index, cat_index, area_rng)
+    dt = _detections(coco_dt, img_index, cat_index, sorted(params.maxDets)[-1])
+    matched_nonzero, matched_ignored = _match(gt, dt, params.iouThrs, len(area_rng))
+    dt_outside = (dt.area[:, None] < area_rng[:, 0]) | (dt.area[:, None] > area_rng[:, 1])  # [D, A]
+    dt_ignored = matched_ignored | (~matched_nonzero & dt_outside[:, :, None])  # [D, A, T]
+    precision, recall = _accumulate(gt, dt, matched_nonzero, dt_ignored, params, len(cat_ids))
     return FastCocoEval(_summarize(precision, recall, params), precision, recall, cat_ids)
 
 

@@ -116,6 +116,48 @@ def train_step(
     # Buffers (BatchNorm running statistics and counters) change in the forward pass; a bad step puts them
     # back, so that one non-finite batch cannot poison the model for good.
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    total, terms, image_ids, finite = _accumulate_gradients(
+        model, criterion, micro_batches, device, amp, scaler, touch_all_outputs
+    )
+    finite = dist_utils.all_reduce_min_bool(finite, device)
+    if not finite:
+        _restore_buffers(saved_buffers)
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(False, total, terms, image_ids=image_ids)
+
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    max_norm = clip_max_norm if clip_max_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+    overflow = False
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
+        scaler.update()
+        overflow = scaler.get_scale() < scale  # the scaler backs off only after an overflow
+    elif not math.isfinite(grad_norm):
+        _restore_buffers(saved_buffers)
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(False, total, terms, grad_norm, image_ids)
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(True, total, terms, grad_norm, image_ids, overflow)
+
+
+def _accumulate_gradients(
+    model: nn.Module,
+    criterion: nn.Module,
+    micro_batches: Sequence[tuple[ImageBatch, Sequence[Target]]],
+    device: torch.device,
+    amp: str,
+    scaler: torch.amp.GradScaler | None,
+    touch_all_outputs: bool,
+) -> tuple[float, dict[str, float], list[int], bool]:
+    """Forward and backward every micro-batch (losses divided by their count; under DDP only the last one
+    synchronises gradients). Returns the mean loss, the mean terms (with ``loss``), the image ids and whether every
+    loss was finite on this rank."""
     count = len(micro_batches)
     finite = True
     terms: dict[str, float] = {}
@@ -143,31 +185,7 @@ def train_step(
         for key, value in result.terms.items():
             terms[key] = terms.get(key, 0.0) + float(value) / count
     terms["loss"] = total
-    finite = dist_utils.all_reduce_min_bool(finite, device)
-    if not finite:
-        _restore_buffers(saved_buffers)
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(False, total, terms, image_ids=image_ids)
-
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    max_norm = clip_max_norm if clip_max_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-    overflow = False
-    if scaler is not None:
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
-        scaler.update()
-        overflow = scaler.get_scale() < scale  # the scaler backs off only after an overflow
-    elif not math.isfinite(grad_norm):
-        _restore_buffers(saved_buffers)
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(False, total, terms, grad_norm, image_ids)
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(True, total, terms, grad_norm, image_ids, overflow)
+    return total, terms, image_ids, finite
 
 
 def _restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

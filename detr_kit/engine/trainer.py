@@ -40,6 +40,7 @@ from detr_kit.engine.ema import ModelEMA
 from detr_kit.engine.examples import draw_examples
 from detr_kit.engine.loaders import loader_skipping, seed_everything, set_epoch, shutdown_workers
 from detr_kit.engine.logging import AP_KEYS, MetricsLogger, ProgressBar, Timer
+from detr_kit.engine.optim import build_lr_scheduler, build_optimizer, freeze_untrained
 from detr_kit.engine.signals import StopSignal, shield_workers
 from detr_kit.engine.step import probe_unused_parameters, train_step
 from detr_kit.structures import ImageBatch, LabelMap, Target
@@ -105,9 +106,10 @@ class Trainer:
         self.criterion = build.build_criterion(cfg, num_classes=len(self.label_map)).to(self.device)
         self.postprocessor = build.build_postprocessor(cfg)
         self._build_loaders(build)
-        self.optimizer = build.build_optimizer(self.model, t)
+        freeze_untrained(self.model, t)
+        self.optimizer = build_optimizer(self.model, t)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / t.accumulate_steps))
-        self.lr_scheduler = build.build_lr_scheduler(self.optimizer, t, self.steps_per_epoch)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, t, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if t.amp == "fp16" else None
         self.ema = ModelEMA(self.model, t.ema_decay, EMA_WARMUP_STEPS) if t.ema else None
         # Different augmentation streams per rank; the model was built (identically) before this.

@@ -19,8 +19,6 @@ class DETR(nn.Module):
         num_classes: K, without the no-object class.
         num_queries: Q, the number of object queries.
         aux_loss: return every earlier decoder layer's predictions in ``DetectionOutput.aux``.
-        exact_padding: run the backbone on each image unpadded (see ``run_backbone``); a plain attribute that may
-            be changed at any time (the evaluator turns it on).
     """
 
     def __init__(
@@ -31,7 +29,6 @@ class DETR(nn.Module):
         num_classes: int,
         num_queries: int,
         aux_loss: bool = True,
-        exact_padding: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1 or num_queries < 1:
@@ -49,18 +46,19 @@ class DETR(nn.Module):
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.aux_loss = aux_loss
-        self.exact_padding = exact_padding
         self.input_proj = nn.Conv2d(backbone.channels[-1], hidden_dim, kernel_size=1)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, num_layers=3)
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> DetectionOutput:
+    def forward(self, images: Tensor, mask: Tensor | None = None, exact_padding: bool = False) -> DetectionOutput:
         """Detect objects.
 
         Args:
             images: [B, 3, H, W] float, normalised, padded to the largest image.
             mask: [B, H, W] bool, True on padding; None means no padding.
+            exact_padding: run the backbone on each image unpadded, so that an image's outputs do not depend on the
+                batch (evaluation; see ``run_backbone``).
 
         Returns:
             DetectionOutput with logits [B, Q, K + 1], boxes [B, Q, 4] cxcywh in 0..1 of the unpadded image, and
@@ -68,7 +66,7 @@ class DETR(nn.Module):
         """
         if mask is not None and (mask.shape[0] != images.shape[0] or mask.shape[-2:] != images.shape[-2:]):
             raise ValueError(f"mask {tuple(mask.shape)} does not match images {tuple(images.shape)}; expected [B, H, W]")
-        level = run_backbone(self.backbone, images, mask, self.exact_padding)[-1]
+        level = run_backbone(self.backbone, images, mask, exact_padding)[-1]
         src = self.input_proj(level.features)  # [B, C, H_l, W_l]
         pos = self.position(level.mask)  # [B, C, H_l, W_l]
         hidden = self.transformer(src, level.mask, self.query_embed.weight, pos)  # [D, B, Q, C]

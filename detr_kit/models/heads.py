@@ -1,10 +1,14 @@
-"""Prediction heads shared by DETR and Deformable-DETR."""
+"""Prediction heads shared by DETR and Deformable-DETR, and the box-logit helper of the refinement."""
 
 from __future__ import annotations
 
+import copy
 import math
 
+import torch
 from torch import Tensor, nn
+
+INITIAL_BOX_SIZE_LOGIT = -2.0  # Deformable-DETR's first box head's wh bias: boxes start at sigmoid(-2) ~ 0.12
 
 
 class MLP(nn.Module):
@@ -35,3 +39,43 @@ class MLP(nn.Module):
 def focal_prior_bias(prior_prob: float = 0.01) -> float:
     """Class-logit bias so that every class starts at probability ``prior_prob`` (RetinaNet / Deformable-DETR)."""
     return -math.log((1 - prior_prob) / prior_prob)
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x), with x clamped to [0, 1] and both x and 1 - x clamped to >= eps (the reference's helper)."""
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def deformable_heads(
+    hidden_dim: int, num_classes: int, num_decoder_layers: int, box_refine: bool, two_stage: bool
+) -> tuple[nn.Module, nn.Module]:
+    """Deformable-DETR's class and box heads, initialised as the reference does.
+
+    Class heads start every class at probability 0.01 (focal prior), box heads at a zero correction. Without
+    refinement one head of each kind serves every decoder layer, and its box head starts at boxes of
+    ``sigmoid(-2)`` of the image. With refinement each decoder layer has its own pair (cloned from one, then only the
+    first box head gets the wh bias); two-stage adds a pair for the encoder proposals and keeps every wh bias at 0.
+
+    Returns:
+        (class_embed, bbox_embed): a Linear and an MLP, or ModuleLists of D (two-stage: D + 1) of them.
+    """
+    class_head = nn.Linear(hidden_dim, num_classes)
+    nn.init.constant_(class_head.bias, focal_prior_bias(0.01))
+    box_head = MLP(hidden_dim, hidden_dim, 4, num_layers=3)
+    nn.init.zeros_(box_head.layers[-1].weight)
+    nn.init.zeros_(box_head.layers[-1].bias)
+    if not box_refine:
+        with torch.no_grad():
+            box_head.layers[-1].bias[2:] = INITIAL_BOX_SIZE_LOGIT
+        return class_head, box_head
+    count = num_decoder_layers + (1 if two_stage else 0)
+    class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(count))
+    bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(count))
+    if not two_stage:
+        with torch.no_grad():
+            bbox_embed[0].layers[-1].bias[2:] = INITIAL_BOX_SIZE_LOGIT
+    return class_embed, bbox_embed
+
+
+__all__ = ["INITIAL_BOX_SIZE_LOGIT", "MLP", "deformable_heads", "focal_prior_bias", "inverse_sigmoid"]

@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detr_kit.ops.dropout import dropout, relu_dropout
-
 
 class MultiheadAttention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameters, computed by ``scaled_dot_product_attention``.
@@ -81,59 +79,6 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
-def set_dropout(model: nn.Module, attention: float | None = None, activation: float | None = None) -> None:
-    """Set the attention-weight and the feed-forward activation dropout of every layer in ``model``.
-
-    The layers take one probability for all their dropouts, as the papers do; this sets two of them apart (as
-    transformers' ``attention_dropout`` / ``activation_dropout`` do). None leaves a probability as it is.
-    """
-    for module in model.modules():
-        if attention is not None and isinstance(module, MultiheadAttention):
-            module.dropout = attention
-        name = getattr(module, "activation_dropout_name", None)
-        if activation is not None and name is not None:
-            getattr(module, name).p = activation
-
-
-def feed_forward(x: Tensor, linear1: nn.Linear, linear2: nn.Linear, p: float, training: bool) -> Tensor:
-    """``linear2(dropout(relu(linear1(x))))`` over the rows of ``x``: [..., C] -> [..., C].
-
-    ReLU and dropout overwrite ``linear1``'s output (fresh, read by nothing else), which is computed on the
-    flattened rows so that it is a base tensor: in place on the ``[B, S, F]`` view of a 2-D matmul result, autograd
-    would rebase the view's history and copy the whole gradient (``CopySlices``) in backward.
-    """
-    rows = x.reshape(-1, x.shape[-1])  # [N, C]
-    if _chunked_inference(rows) and linear2.bias is not None:
-        # No autograd: the hidden is made and consumed a chunk of rows at a time, in cache, instead of one
-        # [N, dim_feedforward] buffer (73 MB for Deformable-DETR's encoder at 800x1066) that is paged in fresh.
-        out = rows.new_empty(rows.shape[0], linear2.out_features)  # [N, C]
-        for start in range(0, rows.shape[0], _INFERENCE_ROWS):
-            stop = min(start + _INFERENCE_ROWS, rows.shape[0])
-            hidden = relu_dropout(linear1(rows[start:stop]), p, training, inplace=True)  # [n, dim_feedforward]
-            torch.addmm(linear2.bias, hidden, linear2.weight.t(), out=out[start:stop])
-        return out.view(*x.shape[:-1], linear2.out_features)
-    hidden = relu_dropout(linear1(rows), p, training, inplace=True)  # [N, dim_feedforward]
-    return linear2(hidden).view(*x.shape[:-1], linear2.out_features)  # [..., C]
-
-
-_INFERENCE_ROWS = 2048
-"""Feed-forward rows per chunk without autograd on the CPU (hidden 8 MB at dim_feedforward 1024)."""
-
-
-def _chunked_inference(rows: Tensor) -> bool:
-    """Whether ``feed_forward`` runs ``rows`` [N, C] in chunks: no autograd, CPU, no autocast, not being traced or
-    compiled, and more than two chunks of rows."""
-    return (
-        rows.shape[0] > 2 * _INFERENCE_ROWS
-        and not torch.is_grad_enabled()
-        and rows.device.type == "cpu"
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
-        and not torch.onnx.is_in_onnx_export()
-        and not torch.compiler.is_compiling()
-    )
-
-
 class TransformerEncoderLayer(nn.Module):
     """Post-norm encoder layer: self-attention with q = k = src + pos, then a ReLU feed-forward block.
 
@@ -141,31 +86,36 @@ class TransformerEncoderLayer(nn.Module):
         hidden_dim: C.
         num_heads: M.
         dim_feedforward: hidden size of the feed-forward block.
-        dropout: dropout on attention weights and on every residual branch (the ``nn.Dropout`` attributes hold
-            the probabilities; ``detr_kit.ops.dropout`` applies them).
+        dropout: dropout on every residual branch (DETR: 0.1).
+        attention_dropout: dropout on the attention weights; None = ``dropout``.
+        activation_dropout: dropout after the feed-forward ReLU; None = ``dropout``.
     """
 
-    activation_dropout_name = "dropout"  # the nn.Dropout after the feed-forward ReLU (see set_dropout)
-
-    def __init__(self, hidden_dim: int, num_heads: int, dim_feedforward: int, dropout: float) -> None:
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.1,
+        attention_dropout: float | None = None,
+        activation_dropout: float | None = None,
+    ) -> None:
         super().__init__()
-        self.self_attn = MultiheadAttention(hidden_dim, num_heads, dropout=dropout)
+        self.self_attn = MultiheadAttention(hidden_dim, num_heads, dropout=_or(attention_dropout, dropout))
         self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.dropout = nn.Dropout(_or(activation_dropout, dropout))
         self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.norm2 = nn.LayerNorm(hidden_dim)
-        self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
     def forward(self, src: Tensor, mask: Tensor | None, pos: Tensor | None) -> Tensor:
         """src [B, S, C], mask [B, S] bool True on padding, pos [B, S, C] -> [B, S, C]."""
-        q = _with_pos(src, pos)  # [B, S, C]
-        training = self.training
-        src = self.norm1(src + dropout(self.self_attn(q, q, src, key_padding_mask=mask), self.dropout1.p, training))
-        ffn = feed_forward(src, self.linear1, self.linear2, self.dropout.p, training)  # [B, S, C]
-        src = self.norm2(src + dropout(ffn, self.dropout2.p, training))
-        return src
+        q = _with_pos(src, pos)  # [B, S, C], also the key
+        src = self.norm1(src + self.dropout1(self.self_attn(q, q, src, key_padding_mask=mask)))
+        hidden = self.dropout(F.relu(self.linear1(src)))  # [B, S, dim_feedforward]
+        return self.norm2(src + self.dropout2(self.linear2(hidden)))
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -175,22 +125,29 @@ class TransformerDecoderLayer(nn.Module):
         hidden_dim: C.
         num_heads: M.
         dim_feedforward: hidden size of the feed-forward block.
-        dropout: dropout on attention weights and on every residual branch (the ``nn.Dropout`` attributes hold
-            the probabilities; ``detr_kit.ops.dropout`` applies them).
+        dropout: dropout on every residual branch (DETR: 0.1).
+        attention_dropout: dropout on the attention weights; None = ``dropout``.
+        activation_dropout: dropout after the feed-forward ReLU; None = ``dropout``.
     """
 
-    activation_dropout_name = "dropout"  # the nn.Dropout after the feed-forward ReLU (see set_dropout)
-
-    def __init__(self, hidden_dim: int, num_heads: int, dim_feedforward: int, dropout: float) -> None:
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.1,
+        attention_dropout: float | None = None,
+        activation_dropout: float | None = None,
+    ) -> None:
         super().__init__()
-        self.self_attn = MultiheadAttention(hidden_dim, num_heads, dropout=dropout)
-        self.multihead_attn = MultiheadAttention(hidden_dim, num_heads, dropout=dropout)
+        self.self_attn = MultiheadAttention(hidden_dim, num_heads, dropout=_or(attention_dropout, dropout))
+        self.multihead_attn = MultiheadAttention(hidden_dim, num_heads, dropout=_or(attention_dropout, dropout))
         self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.dropout = nn.Dropout(_or(activation_dropout, dropout))
         self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.norm2 = nn.LayerNorm(hidden_dim)
         self.norm3 = nn.LayerNorm(hidden_dim)
-        self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
@@ -210,14 +167,16 @@ class TransformerDecoderLayer(nn.Module):
         Returns:
             [B, Q, C].
         """
-        q = _with_pos(tgt, query_pos)  # [B, Q, C]
-        training = self.training
-        tgt = self.norm1(tgt + dropout(self.self_attn(q, q, tgt), self.dropout1.p, training))
+        q = _with_pos(tgt, query_pos)  # [B, Q, C], also the key
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
         attended = self.multihead_attn(_with_pos(tgt, query_pos), _with_pos(memory, pos), memory, key_padding_mask=memory_mask)
-        tgt = self.norm2(tgt + dropout(attended, self.dropout2.p, training))  # [B, Q, C]
-        ffn = feed_forward(tgt, self.linear1, self.linear2, self.dropout.p, training)  # [B, Q, C]
-        tgt = self.norm3(tgt + dropout(ffn, self.dropout3.p, training))
-        return tgt
+        tgt = self.norm2(tgt + self.dropout2(attended))  # [B, Q, C]
+        hidden = self.dropout(F.relu(self.linear1(tgt)))  # [B, Q, dim_feedforward]
+        return self.norm3(tgt + self.dropout3(self.linear2(hidden)))
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 class TransformerEncoder(nn.Module):
@@ -262,6 +221,8 @@ class Transformer(nn.Module):
         num_decoder_layers: decoder depth D (DETR: 6).
         dim_feedforward: hidden size of the feed-forward blocks (DETR: 2048).
         dropout: dropout probability (DETR: 0.1).
+        attention_dropout: dropout on the attention weights; None = ``dropout``.
+        activation_dropout: dropout after the feed-forward ReLU; None = ``dropout``.
     """
 
     def __init__(
@@ -272,6 +233,8 @@ class Transformer(nn.Module):
         num_decoder_layers: int = 6,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
+        attention_dropout: float | None = None,
+        activation_dropout: float | None = None,
     ) -> None:
         super().__init__()
         if num_encoder_layers < 0 or num_decoder_layers < 1:
@@ -280,8 +243,9 @@ class Transformer(nn.Module):
             )
         self.hidden_dim = hidden_dim
         self.num_heads = num_heads
-        encoder_layer = TransformerEncoderLayer(hidden_dim, num_heads, dim_feedforward, dropout)
-        decoder_layer = TransformerDecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout)
+        dropouts = dict(dropout=dropout, attention_dropout=attention_dropout, activation_dropout=activation_dropout)
+        encoder_layer = TransformerEncoderLayer(hidden_dim, num_heads, dim_feedforward, **dropouts)
+        decoder_layer = TransformerDecoderLayer(hidden_dim, num_heads, dim_feedforward, **dropouts)
         self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers)
         self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, hidden_dim)
         for parameter in self.parameters():  # the reference initialisation

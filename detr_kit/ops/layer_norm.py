@@ -67,6 +67,16 @@ class OutputSavingLayerNorm(nn.LayerNorm):
         if len(self.normalized_shape) != 1:
             raise ValueError(f"OutputSavingLayerNorm normalises the last dimension only, got {normalized_shape}")
 
+    @classmethod
+    def adopt(cls, norm: nn.LayerNorm) -> "OutputSavingLayerNorm":
+        """An OutputSavingLayerNorm over ``norm``'s own parameters (the same tensors, not copies)."""
+        if norm.weight is None or norm.bias is None:
+            raise ValueError("OutputSavingLayerNorm.adopt needs a LayerNorm with weight and bias")
+        with torch.device("meta"):  # no storage for parameters that are replaced at once
+            adopted = cls(norm.normalized_shape[-1], eps=norm.eps)
+        adopted.weight, adopted.bias = norm.weight, norm.bias
+        return adopted
+
     def forward(self, x: Tensor) -> Tensor:  # [..., C] -> [..., C]
         weight, bias = self.weight, self.bias
         if (

@@ -28,10 +28,10 @@ TINY = [
     "model.backbone.trainable_stages=0",  # keeps the backward pass cheap; the heads are what fine-tuning changes
 ]
 ARCHS = {
-    "detr": ["model.arch=detr"],
+    "detr": ["model.deformable=null"],
     "deformable_refine": [
-        "model.arch=deformable_detr", "model.num_feature_levels=3", "model.enc_points=2", "model.dec_points=2",
-        "model.box_refine=true",
+        "model.deformable.num_feature_levels=3", "model.deformable.enc_points=2", "model.deformable.dec_points=2",
+        "model.deformable.box_refine=true",
     ],
 }  # fmt: skip
 
@@ -144,7 +144,7 @@ def test_convert_tool_writes_a_loadable_detr_kit_checkpoint(tmp_path: Path) -> N
 
     state = torch.load(tmp_path / "out.pth", weights_only=True)
     cfg = config_from_dict(state["config"])
-    assert (cfg.model.arch, cfg.model.num_classes, cfg.model.hidden_dim, cfg.model.backbone.name) == ("detr", 91, 32, "resnet18")
+    assert (cfg.model.deformable, cfg.model.num_classes, cfg.model.hidden_dim, cfg.model.backbone.name) == (None, 91, 32, "resnet18")
     assert not cfg.model.backbone.dilation and cfg.model.backbone.weights is None
     label_map = LabelMap.from_dict(state["label_map"])
     assert label_map.names[1] == "person" and label_map.names[0] == "N/A" and state["id2label"][90] == "toothbrush"

@@ -56,7 +56,6 @@ def test_official_checkpoint_converts_and_loads_strictly(variant: Variant) -> No
 
     overrides = detect_official_variant(checkpoint)
     expected = {
-        "model.arch": variant.arch,
         "model.backbone.name": variant.backbone,
         "model.backbone.dilation": variant.dilation,
         "model.num_classes": variant.num_classes,
@@ -69,13 +68,15 @@ def test_official_checkpoint_converts_and_loads_strictly(variant: Variant) -> No
     if variant.arch == "deformable_detr":
         expected.update(
             {
-                "model.num_feature_levels": variant.num_feature_levels,
-                "model.box_refine": variant.box_refine,
-                "model.two_stage": variant.two_stage,
-                "model.enc_points": variant.num_points,
-                "model.dec_points": variant.num_points,
+                "model.deformable.num_feature_levels": variant.num_feature_levels,
+                "model.deformable.box_refine": variant.box_refine,
+                "model.deformable.two_stage": variant.two_stage,
+                "model.deformable.enc_points": variant.num_points,
+                "model.deformable.dec_points": variant.num_points,
             }
         )
+    else:
+        expected["model.deformable"] = None
     assert {k: overrides[k] for k in expected} == expected
 
     converted = convert_official_checkpoint(checkpoint)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from detr_kit.build import LrFactor, build_lr_scheduler, build_optimizer
+from detr_kit.engine.optim import LrFactor, build_lr_scheduler, build_optimizer, freeze_untrained
 from detr_kit.config import TrainConfig
 from detr_kit.engine.step import train_step
 from detr_kit.structures import DetectionOutput, ImageBatch, LossOutput, Target
@@ -198,7 +198,10 @@ def test_optimizer_groups():
 
 def test_zero_backbone_lr_freezes_the_backbone():
     model = NamedParts()
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-3, lr_backbone=0.0))
+    cfg = TrainConfig(lr=1e-3, lr_backbone=0.0)
+    frozen = freeze_untrained(model, cfg)
+    assert sorted(frozen) == sorted(n for n, _ in model.named_parameters() if n.startswith("backbone."))
+    optimizer = build_optimizer(model, cfg)
     names = set(_groups_by_param(optimizer))
     assert not any(n.startswith("backbone.") for n in names)
     assert all(not p.requires_grad for p in model.backbone.parameters())

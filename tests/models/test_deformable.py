@@ -8,8 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from detr_kit.models.deformable import DeformableTransformer, MSDeformAttn, inverse_sigmoid, pixel_grid
+from detr_kit.models.deformable import (
+    DeformableDecoder,
+    DeformableDecoderLayer,
+    DeformableEncoder,
+    DeformableEncoderLayer,
+    DeformableTransformer,
+    FeatureLevels,
+    MSDeformAttn,
+    pixel_grid,
+    valid_ratios,
+)
 from detr_kit.models.deformable_detr import DeformableDETR
+from detr_kit.models.heads import deformable_heads, inverse_sigmoid
 from detr_kit.models.position import SinePositionEncoding
 from references import bilinear_reference
 
@@ -77,7 +88,7 @@ def test_msdeformattn_matches_plain_formula(reference_dim):
     value_input = torch.randn(2, 41, 16, dtype=torch.float64)
     reference = torch.rand(2, 4, 2, reference_dim, dtype=torch.float64)
     padding_mask = torch.rand(2, 41) < 0.2
-    out = attn(query, reference, value_input, shapes, None, padding_mask)
+    out = attn(query, reference, value_input, shapes, padding_mask)
     expected = _plain_msdeformattn(attn, query, reference, value_input, shapes, padding_mask)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
 
@@ -90,11 +101,11 @@ def test_padding_mask_hides_values():
     mask = torch.zeros(1, 36, dtype=torch.bool)
     mask[0, 18:] = True
     reference = torch.rand(1, 5, 1, 2)
-    out = attn(query, reference, value, [(6, 6)], None, mask)
+    out = attn(query, reference, value, [(6, 6)], mask)
     changed = value.clone()
     changed[0, 18:] = 100.0
-    torch.testing.assert_close(attn(query, reference, changed, [(6, 6)], None, mask), out)
-    assert not torch.allclose(attn(query, reference, changed, [(6, 6)], None, None), out)
+    torch.testing.assert_close(attn(query, reference, changed, [(6, 6)], mask), out)
+    assert not torch.allclose(attn(query, reference, changed, [(6, 6)], None), out)
 
 
 def test_inverse_sigmoid():
@@ -109,24 +120,24 @@ class _NoBackbone(nn.Module):
     channels = (32, 32, 32)
 
 
+def tiny_transformer(levels: int = 2, box_refine: bool = False, two_stage: bool = False, num_classes: int = 5,
+                     decoder_layers: int = 2) -> tuple[DeformableTransformer, nn.Module, nn.Module]:
+    """A DeformableTransformer of width 32 and its heads (class_embed, bbox_embed)."""
+    class_embed, bbox_embed = deformable_heads(32, num_classes, decoder_layers, box_refine, two_stage)
+    encoder = DeformableEncoder(DeformableEncoderLayer(32, 64, levels, 2, 2, dropout=0.0), 1)
+    decoder = DeformableDecoder(
+        DeformableDecoderLayer(32, 64, levels, 2, 2, dropout=0.0), decoder_layers,
+        bbox_embed=bbox_embed if box_refine else None, class_embed=class_embed if two_stage else None,
+    )
+    return DeformableTransformer(encoder, decoder, two_stage=two_stage, num_proposals=8), class_embed, bbox_embed
+
+
 def tiny_detector(box_refine: bool, two_stage: bool, levels: int = 3) -> DeformableDETR:
     torch.manual_seed(0)
+    transformer, class_embed, bbox_embed = tiny_transformer(levels, box_refine, two_stage)
     model = DeformableDETR(
-        _NoBackbone(),
-        SinePositionEncoding(16, normalize=True, offset=-0.5),
-        num_classes=5,
-        num_queries=8,
-        hidden_dim=32,
-        num_heads=2,
-        num_encoder_layers=1,
-        num_decoder_layers=2,
-        dim_feedforward=64,
-        dropout=0.0,
-        num_feature_levels=levels,
-        enc_points=2,
-        dec_points=2,
-        box_refine=box_refine,
-        two_stage=two_stage,
+        _NoBackbone(), FeatureLevels(_NoBackbone.channels, 32, levels), SinePositionEncoding(16, normalize=True, offset=-0.5),
+        transformer, class_embed, bbox_embed, num_queries=8,
     )
     for module in model.modules():  # make offsets and attention weights depend on the input
         if isinstance(module, MSDeformAttn):
@@ -175,25 +186,24 @@ def test_transformer_and_heads_ignore_padding(box_refine, two_stage):
 
 
 def test_encoder_reference_points_are_pixel_centres_of_the_valid_region():
-    transformer = DeformableTransformer(32, 2, 1, 1, 64, 0.0, num_feature_levels=2, enc_points=1, dec_points=1)
     masks = [torch.zeros(1, 4, 6, dtype=torch.bool), torch.zeros(1, 2, 3, dtype=torch.bool)]
     masks[0][0, :, 4:] = True  # valid 4 x 4 of 4 x 6
     masks[1][0, :, 2:] = True  # valid 2 x 2 of 2 x 3
-    ratios = transformer.valid_ratios(masks)
-    torch.testing.assert_close(ratios, torch.tensor([[[4 / 6, 1.0], [2 / 3, 1.0]]]))
-    centres, levels, sizes, start = pixel_grid([(4, 6), (2, 3)], torch.device("cpu"))
-    assert centres.shape == (30, 2) and levels.tolist() == [0] * 24 + [1] * 6 and start.tolist() == [0, 24]
+    torch.testing.assert_close(valid_ratios(masks), torch.tensor([[[4 / 6, 1.0], [2 / 3, 1.0]]]))
+    centres, levels, sizes = pixel_grid([(4, 6), (2, 3)], torch.device("cpu"))
+    assert centres.shape == (30, 2) and levels.tolist() == [0] * 24 + [1] * 6
     torch.testing.assert_close(centres[7], torch.tensor([1.5, 1.5]))  # row 1, column 1 of level 0
     torch.testing.assert_close(sizes, torch.tensor([[6.0, 4.0], [3.0, 2.0]]))
 
 
-def test_transformer_rejects_wrong_level_count():
-    transformer = DeformableTransformer(32, 2, 1, 1, 64, 0.0, num_feature_levels=2, enc_points=1, dec_points=1)
+def test_transformer_rejects_wrong_level_count_and_two_stage_without_heads():
+    transformer, _, _ = tiny_transformer(levels=2)
     src = torch.randn(1, 32, 4, 4)
     with pytest.raises(ValueError, match="levels"):
         transformer([src], [torch.zeros(1, 4, 4, dtype=torch.bool)], [src], torch.randn(3, 64))
+    plain, _, _ = tiny_transformer(levels=2)
     with pytest.raises(ValueError, match="two_stage"):
-        DeformableTransformer(32, 2, 1, 1, 64, 0.0, num_feature_levels=2, two_stage=True)
+        DeformableTransformer(plain.encoder, plain.decoder, two_stage=True)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -205,10 +215,10 @@ def test_activation_checkpointing_gives_the_same_gradients():
     overrides = ["model.num_classes=3", "model.backbone.weights=null", "model.backbone.name=resnet18",
                  "model.backbone.norm=bn", "model.hidden_dim=32", "model.num_heads=4", "model.dim_feedforward=64",
                  "model.num_encoder_layers=2", "model.num_decoder_layers=2", "model.num_queries=10",
-                 "model.num_feature_levels=3", "model.dropout=0.0"]
+                 "model.deformable.num_feature_levels=3", "model.dropout=0.0"]
     grads = []
     for flag in (False, True):
-        cfg = load_config("configs/deformable_detr.yaml", [*overrides, f"model.activation_checkpointing={str(flag).lower()}"])
+        cfg = load_config("configs/deformable_detr.yaml", [*overrides, f"model.deformable.activation_checkpointing={str(flag).lower()}"])
         torch.manual_seed(0)
         model = build_model(cfg).train()
         assert model.transformer.encoder.activation_checkpointing is flag
@@ -223,53 +233,3 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_ffn_checkpointing_keeps_no_feed_forward_hidden_for_backward():
-    from detr_kit.models.deformable import DeformableEncoder, DeformableEncoderLayer
-
-    layer = DeformableEncoderLayer(16, 48, 0.1, num_levels=2, num_heads=2, num_points=2)
-    shapes, level_start_index = [(4, 4), (2, 2)], torch.tensor([0, 16])
-    src, pos, reference_points = torch.randn(2, 20, 16, requires_grad=True), torch.randn(2, 20, 16), torch.rand(2, 20, 2, 2)
-    kept = {}
-    for ffn in (False, True):
-        encoder = DeformableEncoder(layer, 2, ffn_checkpointing=ffn).train()
-        shapes_kept = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes_kept.append(tuple(t.shape)) or t, lambda t: t):
-            out = encoder(src, pos, reference_points, shapes, level_start_index, None)
-        out.sum().backward()  # the recomputation runs here, outside the hooks
-        kept[ffn] = shapes_kept
-    hidden = {(2, 20, 48), (40, 48)}  # the [B, S, dim_feedforward] hidden of each layer (or its [B*S, F] rows)
-    assert hidden & set(kept[False])
-    assert not hidden & set(kept[True])
-
-
-def test_query_pos_inside_msdeformattn_gives_the_plain_sum_gradients():
-    """query_pos added inside (the sum recomputed in backward) == the sum passed in, outputs and every gradient."""
-    from detr_kit.models.deformable import _LinearOfSum
-
-    torch.manual_seed(0)
-    attn = MSDeformAttn(16, num_levels=2, num_heads=2, num_points=2).double()
-    with torch.no_grad():
-        for param in attn.parameters():
-            param.normal_(0, 0.3)
-    shapes = [(4, 4), (2, 2)]
-    query, pos = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
-    value_input = torch.randn(2, 20, 16, dtype=torch.float64)
-    reference_points = torch.rand(2, 5, 2, 2, dtype=torch.float64)
-    results = []
-    for inside in (False, True):
-        inputs = [t.clone().requires_grad_() for t in (query, pos, value_input)]
-        q, p, v = inputs
-        out = attn(q, reference_points, v, shapes, query_pos=p) if inside else attn(q + p, reference_points, v, shapes)
-        grads = torch.autograd.grad(out.square().sum(), [*inputs, *attn.parameters()])
-        results.append((out.detach(), grads))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    for inside, plain in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(inside, plain)
-    # the op alone, with a broadcast addend, against finite differences
-    a = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(1, 4, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_LinearOfSum.apply, (a, b, w, bias))

@@ -29,7 +29,7 @@ def build(name: str, overrides: list[str]):
         ("deformable_detr", [], 40_069_665),
         ("deformable_detr_refine", [], 40_849_660),
         ("deformable_detr_two_stage", [], 41_181_529),
-        ("deformable_detr", ["model.num_feature_levels=1"], 34_066_593),
+        ("deformable_detr", ["model.deformable.num_feature_levels=1"], 34_066_593),
     ],
     ids=["plain", "refine", "two_stage", "single_scale"],
 )
@@ -40,7 +40,7 @@ def test_parameter_counts_match_reference(name, extra, expected):
 
 
 def test_reference_key_names_and_head_init():
-    _, plain = build("deformable_detr", [*TINY, "model.num_feature_levels=4"])
+    _, plain = build("deformable_detr", [*TINY, "model.deformable.num_feature_levels=4"])
     keys = set(plain.state_dict())
     for key in [
         "transformer.level_embed",
@@ -87,7 +87,7 @@ def test_reference_key_names_and_head_init():
 
 
 def test_single_scale_uses_c5_only():
-    _, model = build("deformable_detr", [*TINY, "model.num_feature_levels=1"])
+    _, model = build("deformable_detr", [*TINY, "model.deformable.num_feature_levels=1"])
     assert len(model.input_proj) == 1 and model.input_proj[0][0].in_channels == 512
     out = model.eval()(torch.randn(1, 3, 64, 64))
     assert out.logits.shape == (1, 20, 3) and out.boxes.shape == (1, 20, 4)
@@ -96,7 +96,7 @@ def test_single_scale_uses_c5_only():
 @pytest.mark.parametrize("name", ["deformable_detr", "deformable_detr_refine", "deformable_detr_two_stage"])
 def test_exact_padding_makes_outputs_independent_of_the_batch(name):
     torch.manual_seed(0)
-    _, model = build(name, [*TINY, "model.exact_padding=true", "model.num_feature_levels=4"])
+    _, model = build(name, [*TINY, "model.deformable.num_feature_levels=4"])
     for module in model.modules():  # offsets that depend on the input reach across the image
         if isinstance(module, MSDeformAttn):
             torch.nn.init.normal_(module.sampling_offsets.weight, std=0.1)
@@ -110,8 +110,8 @@ def test_exact_padding_makes_outputs_independent_of_the_batch(name):
     mask[0, :70, :90] = False
     mask[1] = False
     with torch.no_grad():
-        alone = model(image)
-        batched = model(batch, mask)
+        alone = model(image, exact_padding=True)
+        batched = model(batch, mask, exact_padding=True)
     torch.testing.assert_close(batched.logits[:1], alone.logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(batched.boxes[:1], alone.boxes, atol=1e-4, rtol=0)
     for (bl, bb), (al, ab) in zip(batched.aux, alone.aux):
@@ -170,7 +170,7 @@ def test_extra_level_masks_follow_the_reference_on_padded_batches(name):
     formulation, written out here), on a padded batch whose size is no multiple of 64 (321 x 390)."""
     import torch.nn.functional as F
 
-    _, model = build(name, [*TINY, "model.num_feature_levels=4", "model.backbone.norm=frozen_bn"])
+    _, model = build(name, [*TINY, "model.deformable.num_feature_levels=4", "model.backbone.norm=frozen_bn"])
     model = model.double().eval()
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 321, 390, generator=generator, dtype=torch.float64)

@@ -93,9 +93,7 @@ def test_exact_padding_makes_outputs_independent_of_the_batch():
     mask[1] = False
     with torch.no_grad():
         single = model(small)
-        model.exact_padding = True
-        exact = model(images, mask)
-        model.exact_padding = False
+        exact = model(images, mask, exact_padding=True)
         plain = model(images, mask)
     for a, b in zip(outputs_of(single, 0), outputs_of(exact, 0)):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
@@ -107,7 +105,7 @@ def test_output_structure_and_errors():
     out = model(torch.randn(2, 8, 3, 3))
     assert out.logits.shape == (2, 10, 4) and out.boxes.shape == (2, 10, 4) and out.aux == () and out.encoder is None
     assert ((out.boxes > 0) & (out.boxes < 1)).all()
-    assert model.num_classes == 3 and model.num_queries == 10 and model.exact_padding is False
+    assert model.num_classes == 3 and model.num_queries == 10
     with pytest.raises(ValueError, match="num_pos_feats=16"):
         DETR(FeaturesAsImages(8), SinePositionEncoding(8), Transformer(32, 4, 1, 1, 64, 0.0), 3, 10)
     with pytest.raises(ValueError, match="mask"):

@@ -109,18 +109,3 @@ def test_transformer_shapes_start_and_init():
     assert weight.abs().max() > 0.8 * (6 / (32 + 64)) ** 0.5
     names = {n for n, _ in model.named_parameters()}
     assert {"decoder.norm.weight", "decoder.layers.2.multihead_attn.in_proj_weight", "encoder.layers.1.norm2.bias"} <= names
-
-
-def test_feed_forward_in_chunks_without_autograd_equals_the_plain_block():
-    """Without autograd on the CPU, long inputs run the feed-forward block in row chunks: same result as the plain
-    linear -> ReLU -> linear in float64 (a row count that is not a multiple of the chunk)."""
-    from detr_kit.models import transformer
-
-    torch.manual_seed(0)
-    linear1, linear2 = torch.nn.Linear(8, 24).double(), torch.nn.Linear(24, 8).double()
-    x = torch.randn(3, 2 * transformer._INFERENCE_ROWS + 77, 8, dtype=torch.float64)
-    expected = linear2(torch.relu(linear1(x)))
-    with torch.no_grad():
-        assert transformer._chunked_inference(x.reshape(-1, 8))
-        out = transformer.feed_forward(x, linear1, linear2, 0.1, training=False)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)

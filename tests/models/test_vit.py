@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from detr_kit.compat.vit import convert_vit_state_dict
 from detr_kit.models.backbone.simple_pyramid import padding_mask_at_stride
-from detr_kit.models.backbone.vit import Block, ViTBackbone, resize_position_embedding
+from detr_kit.models.backbone.vit import Block, ViTBackbone
+from detr_kit.models.backbone.weights import convert_vit_state_dict, resize_position_embedding
 
 
 def _images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -313,12 +313,12 @@ def _vit_detector(arch: str, exact_padding: bool, extra: tuple[str, ...] = ()):
         [
             "model.backbone.name=vit_tiny", "model.backbone.vit.drop_path=0.0", "model.hidden_dim=32",
             "model.num_heads=2", "model.num_encoder_layers=1", "model.num_decoder_layers=1",
-            "model.dim_feedforward=64", "model.num_queries=10", "model.dropout=0.0",
-            f"model.exact_padding={str(exact_padding).lower()}", *extra,
+            "model.dim_feedforward=64", "model.num_queries=10", "model.dropout=0.0", *extra,
         ],
     )
     torch.manual_seed(0)
-    return build_model(cfg, num_classes=3).eval()
+    model = build_model(cfg, num_classes=3).eval()
+    return lambda images, mask=None: model(images, mask, exact_padding=exact_padding)
 
 
 @pytest.mark.parametrize("exact_padding", [False, True])
@@ -345,18 +345,24 @@ def test_vit_detr_output_does_not_depend_on_the_batch(exact_padding):
 
 def test_tiny_vit_deformable_detr_overfits_a_fixed_batch():
     """ViT-tiny (2 blocks) + Deformable-DETR (hidden 64, 2+2 layers, 3 levels): the loss halves in 50 CPU steps."""
+    from detr_kit.models import deformable as parts
     from detr_kit.models.criterion import SetCriterion
     from detr_kit.models.deformable_detr import DeformableDETR
+    from detr_kit.models.heads import deformable_heads
     from detr_kit.models.matcher import HungarianMatcher
     from detr_kit.models.position import SinePositionEncoding
     from detr_kit.structures import Target
 
     torch.manual_seed(0)
     backbone = ViTBackbone("tiny", return_strides=(8, 16, 32), depth=2, drop_path=0.0, out_channels=64)
+    class_embed, bbox_embed = deformable_heads(64, 3, 2, box_refine=False, two_stage=False)
+    transformer = parts.DeformableTransformer(
+        parts.DeformableEncoder(parts.DeformableEncoderLayer(64, 128, 3, 4, 4, dropout=0.0), 2),
+        parts.DeformableDecoder(parts.DeformableDecoderLayer(64, 128, 3, 4, 4, dropout=0.0), 2),
+    )
     model = DeformableDETR(
-        backbone, SinePositionEncoding(32, normalize=True, offset=-0.5), num_classes=3, num_queries=20,
-        hidden_dim=64, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128,
-        dropout=0.0, num_feature_levels=3,
+        backbone, parts.FeatureLevels(backbone.channels, 64, 3), SinePositionEncoding(32, normalize=True, offset=-0.5),
+        transformer, class_embed, bbox_embed, num_queries=20,
     )
     criterion = SetCriterion(
         3, HungarianMatcher(cost_class=2, cost_bbox=5, cost_giou=2, focal=True), class_weight=2, bbox_weight=5,

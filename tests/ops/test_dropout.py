@@ -4,11 +4,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from detr_kit.models.deformable import DeformableEncoder, DeformableEncoderLayer
-from detr_kit.models.transformer import TransformerDecoderLayer, TransformerEncoderLayer
 from detr_kit.ops.dropout import _ReLUDropout, _SeededDropout, dropout, random_int16, relu_dropout
 
 CPU = torch.device("cpu")
@@ -236,34 +233,6 @@ def test_checkpoint_recomputes_the_same_masks():
         torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
 
 
-def test_deformable_encoder_checkpointing_matches_plain_encoder():
-    torch.manual_seed(0)
-    layer = DeformableEncoderLayer(16, 32, 0.3, num_levels=2, num_heads=2, num_points=2)
-    encoders = [
-        DeformableEncoder(layer, 2, activation_checkpointing=whole, ffn_checkpointing=ffn).train()
-        for whole, ffn in ((False, False), (True, False), (False, True))
-    ]  # plain, whole layers recomputed, feed-forward blocks recomputed
-    for encoder in encoders[1:]:
-        encoder.load_state_dict(encoders[0].state_dict())
-    shapes = [(4, 4), (2, 2)]
-    level_start_index = torch.tensor([0, 16])
-    src = torch.randn(2, 20, 16)
-    pos = torch.randn(2, 20, 16)
-    reference_points = torch.rand(2, 20, 2, 2)
-    grads = []
-    for encoder in encoders:
-        torch.manual_seed(11)
-        inputs = src.clone().requires_grad_()
-        out = encoder(inputs, pos, reference_points, shapes, level_start_index, None)
-        grads.append(torch.autograd.grad(out.square().sum(), (inputs, *encoder.parameters())))
-    for plain, *recomputed in zip(*grads):
-        for each in recomputed:
-            torch.testing.assert_close(each, plain)
-
-
-# ------------------------------------------------------------------------------------------------ dtypes, layers
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_keep_their_dtype(dtype):
     torch.manual_seed(8)
@@ -289,50 +258,6 @@ def test_autocast_linear_then_dropouts():
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and linear.weight.grad.dtype == torch.float32
     assert torch.isfinite(x.grad).all()
-
-
-@pytest.mark.parametrize(
-    "make_layer",
-    [
-        lambda p: TransformerEncoderLayer(16, 2, 32, p),
-        lambda p: DeformableEncoderLayer(16, 32, p, num_levels=1, num_heads=2, num_points=2),
-    ],
-)
-def test_encoder_layers_in_eval_mode_ignore_dropout(make_layer):
-    torch.manual_seed(10)
-    with_dropout, without = make_layer(0.5).eval(), make_layer(0.0).eval()
-    without.load_state_dict(with_dropout.state_dict())
-    src, pos = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
-    if isinstance(with_dropout, TransformerEncoderLayer):
-        args = (src, None, pos)
-    else:
-        args = (src, pos, torch.rand(2, 9, 1, 2), [(3, 3)], torch.tensor([0]), None)
-    torch.testing.assert_close(with_dropout(*args), without(*args), rtol=0, atol=0)
-    assert not torch.equal(with_dropout.train()(*args), without.train()(*args))
-
-
-def test_transformer_decoder_layer_matches_reference_with_same_masks():
-    """The layer's FFN in training mode equals a plain dropout(relu) written here with the masks it drew."""
-    torch.manual_seed(12)
-    layer = TransformerDecoderLayer(16, 2, 32, 0.3).train()
-    layer.self_attn.dropout = layer.multihead_attn.dropout = 0.0  # SDPA's attention dropout draws its own bits
-    tgt, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
-
-    torch.manual_seed(13)
-    out = layer(tgt, memory, None, None, None)
-
-    # Replay the RNG: the layer draws (seed for dropout1, seed for dropout2, relu_dropout bits, seed for dropout3).
-    torch.manual_seed(13)
-    keeps = []
-    for shape in [(2, 5, 16), (2, 5, 16), (2, 5, 32), (2, 5, 16)]:
-        keeps.append(dropout(torch.ones(shape), 0.3, True) != 0 if shape[-1] == 16 else
-                     relu_dropout(torch.ones(shape), 0.3, True) != 0)
-    scale = 1 / 0.7
-    x = layer.norm1(tgt + layer.self_attn(tgt, tgt, tgt) * keeps[0] * scale)
-    x = layer.norm2(x + layer.multihead_attn(x, memory, memory) * keeps[1] * scale)
-    hidden = F.relu(layer.linear1(x)) * keeps[2] * scale
-    x = layer.norm3(x + layer.linear2(hidden) * keeps[3] * scale)
-    torch.testing.assert_close(out, x)
 
 
 @pytest.mark.cuda

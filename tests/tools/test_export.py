@@ -21,8 +21,8 @@ BACKBONE = {"name": "resnet18", "weights": None, "norm": "bn"}
 COMMON = {"hidden_dim": 32, "num_heads": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 64,
           "num_queries": 10, "dropout": 0.0, "backbone": BACKBONE}
 TINY = {
-    "detr": {**COMMON, "arch": "detr"},
-    "deformable_detr": {**COMMON, "arch": "deformable_detr", "num_feature_levels": 3, "enc_points": 2, "dec_points": 2},
+    "detr": {**COMMON, "deformable": None},
+    "deformable_detr": {**COMMON, "deformable": {"num_feature_levels": 3, "enc_points": 2, "dec_points": 2}},
 }
 SIZE = (64, 96)
 NUM_CLASSES = 3

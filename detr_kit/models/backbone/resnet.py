@@ -7,13 +7,14 @@ torchvision, DETR and Deformable-DETR checkpoints map onto them with a plain key
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from detr_kit.models.backbone.weights import LoadReport, match_state_dict, read_state_dict, torchvision_state_dict
 from detr_kit.structures import FeatureMap
 
 _STAGES = ("layer2", "layer3", "layer4")  # C3, C4, C5
@@ -46,7 +47,6 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
-        self.folded = False  # True once fold_frozen_norms made the preceding convolution apply this norm
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: ANN001
         state_dict.pop(prefix + "num_batches_tracked", None)
@@ -58,160 +58,15 @@ class FrozenBatchNorm2d(nn.Module):
         return scale, self.bias - self.running_mean * scale
 
     def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, C, H, W]
-        if self.folded:
-            return x  # the convolution before it applied it
         scale, shift = self.scale_and_shift()
         return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])  # one pass over x
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}" + (", folded into the preceding conv" if self.folded else "")
-
-
-class _ConvFrozenNorm(nn.Conv2d):
-    """A bias-free Conv2d that also applies the FrozenBatchNorm2d after it (which then passes its input through).
-
-    The norm is affine, so ``norm(conv(x, W)) == conv(x, W * scale) + shift``: one convolution with a scaled weight
-    and the shift as its bias, instead of a convolution and a full pass over its output (and, in training, a second
-    pass over its gradient). A weight being trained goes through ``_ScaledConvolution``, which recomputes the scaled
-    weight in backward rather than keeping a copy. The conv and the norm keep their modules and state-dict keys;
-    the conv holds a plain (unregistered) reference to the norm.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:  # [B, C_in, H, W] -> [B, C_out, H', W']
-        scale, shift = self.__dict__["frozen_norm"].scale_and_shift()  # [C_out] each
-        if self.weight.requires_grad and torch.is_grad_enabled():
-            return _ScaledConvolution.apply(x, self.weight, scale, shift, self.stride, self.padding, self.dilation, self.groups)
-        weight = self.weight * scale.view(-1, 1, 1, 1)  # [C_out, C_in, k, k], the conv's memory format
-        return F.conv2d(x, weight, shift, self.stride, self.padding, self.dilation, self.groups)
-
-
-class _ScaledConvolution(torch.autograd.Function):
-    """``conv2d(x, W * scale, bias=shift)`` for a trained W and fixed ``scale``/``shift`` (a folded frozen norm).
-
-    Saves ``x`` and ``W`` (a parameter, kept anyway), not the scaled weight: backward scales ``W`` again (one pass
-    over the weights, not over activations) and takes both gradients from one ``convolution_backward``. Under
-    autocast the convolution runs in the autocast dtype, as ``F.conv2d`` would, and the weight gradient comes back
-    in the weight's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, scale, shift, stride, padding, dilation, groups):  # noqa: ANN001, ANN205
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        x = x.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            scaled = (weight * scale.view(-1, 1, 1, 1)).to(dtype)  # [C_out, C_in, k, k]
-            out = F.conv2d(x, scaled, shift.to(dtype), stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight, scale)
-        ctx.conv = (stride, padding, dilation, groups)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x, weight, scale = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        scaled = (weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
-        grad_x, grad_scaled, _ = torch.ops.aten.convolution_backward(
-            grad.to(x.dtype), x, scaled, None, stride, padding, dilation, False, [0] * len(stride), groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
-        )
-        grad_weight = None if grad_scaled is None else grad_scaled.to(weight.dtype) * scale.view(-1, 1, 1, 1)
-        return grad_x, grad_weight, None, None, None, None, None, None
-
-
-def fold_frozen_norms(body: nn.Module) -> int:
-    """Make every bias-free convolution of a torchvision ResNet apply the FrozenBatchNorm2d that follows it.
-
-    Pairs: the stem's ``conv1``/``bn1``, each block's ``convN``/``bnN`` and ``downsample`` (conv, norm). Outputs
-    are unchanged up to float rounding; see ``_ConvFrozenNorm``.
-
-    Returns:
-        The number of pairs folded.
-    """
-    pairs = []
-    for module in body.modules():
-        for index in (1, 2, 3):
-            conv, norm = getattr(module, f"conv{index}", None), getattr(module, f"bn{index}", None)
-            if conv is not None and norm is not None:
-                pairs.append((conv, norm))
-        downsample = getattr(module, "downsample", None)
-        if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
-            pairs.append((downsample[0], downsample[1]))
-    folded = 0
-    for conv, norm in pairs:
-        plain = type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-        if plain and type(norm) is FrozenBatchNorm2d and not norm.folded:
-            conv.__class__ = _ConvFrozenNorm
-            conv.__dict__["frozen_norm"] = norm  # not a submodule: the norm stays where its keys are
-            norm.folded = True
-            folded += 1
-    return folded
-
-
-class LoadReport(NamedTuple):
-    """What loading a state dict into a backbone body left out: key names, shape mismatches as text."""
-
-    missing: list[str]
-    unexpected: list[str]
-    mismatched: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return f"{self.num_features}, eps={self.eps}"
 
 
 def _group_norm(num_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(_GN_GROUPS, num_channels)
-
-
-def read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, Tensor]:
-    """Read a torchvision ResNet state dict from a file or mapping.
-
-    Args:
-        source: a path to a ``.pth`` file, or a mapping; either may be the state dict itself or a dict holding it
-            under ``'model'`` or ``'state_dict'``.
-
-    Returns:
-        The state dict (key -> tensor).
-
-    Raises:
-        FileNotFoundError: the path does not exist.
-        TypeError: the content is not a state dict.
-    """
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone weights file not found: {path}")
-        source = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(source, Mapping):
-        raise TypeError(f"backbone weights must be a state dict (a mapping), got {type(source).__name__}")
-    for key in ("model", "state_dict"):
-        if key in source and isinstance(source[key], Mapping):
-            source = source[key]
-            break
-    return {k: v for k, v in source.items() if isinstance(v, Tensor)}
-
-
-def match_state_dict(
-    state_dict: Mapping[str, Tensor], own: Mapping[str, Tensor]
-) -> tuple[dict[str, Tensor], list[str], list[str]]:
-    """Sort a checkpoint's entries against a model's own state dict.
-
-    Returns:
-        ``(usable, unexpected, mismatched)``: the entries whose key and shape fit, the keys the model does not
-        have, and ``"key: checkpoint (shape) vs model (shape)"`` for keys whose shapes differ.
-    """
-    usable: dict[str, Tensor] = {}
-    unexpected, mismatched = [], []
-    for key, value in state_dict.items():
-        if key not in own:
-            unexpected.append(key)
-        elif own[key].shape != value.shape:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
-        else:
-            usable[key] = value
-    return usable, unexpected, mismatched
 
 
 def load_resnet_state_dict(body: nn.Module, state_dict: Mapping[str, Tensor]) -> LoadReport:
@@ -240,20 +95,6 @@ def load_resnet_state_dict(body: nn.Module, state_dict: Mapping[str, Tensor]) ->
     return LoadReport(missing, unexpected, mismatched)
 
 
-def _torchvision_state_dict(name: str, weights: str) -> dict[str, Tensor]:
-    """Download (or read from torch's cache) the torchvision weights ``weights`` of ``name``."""
-    enum = torchvision.models.get_model_weights(name)
-    try:
-        member = enum[weights]
-    except KeyError:
-        valid = ["DEFAULT", *enum.__members__]
-        raise ValueError(
-            f"weights={weights!r} is neither an existing file nor a torchvision weights name of {name}; "
-            f"valid names: {', '.join(dict.fromkeys(valid))}"
-        ) from None
-    return member.get_state_dict(progress=True)
-
-
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet returning C3/C4/C5 feature maps with their padding masks.
 
@@ -270,7 +111,6 @@ class ResNetBackbone(nn.Module):
         weights: None (random init), a torchvision weights name such as "IMAGENET1K_V1"/"DEFAULT" (downloads on
             first use), or a local file with a torchvision ResNet state dict (optionally under 'model' or
             'state_dict').
-        channels_last: run the body in channels-last memory format (faster on GPUs with AMP).
 
     Attributes:
         channels: output channels per returned level, in return order.
@@ -289,7 +129,6 @@ class ResNetBackbone(nn.Module):
         trainable_stages: int = 3,
         norm: str = "frozen_bn",
         weights: str | None = None,
-        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if name not in _CHANNELS:
@@ -304,7 +143,6 @@ class ResNetBackbone(nn.Module):
         self.stage_indices = _select_stages(tuple(return_strides), stage_strides, dilation)
         self.channels = tuple(_CHANNELS[name][i] for i in self.stage_indices)
         self.strides = tuple(stage_strides[i] for i in self.stage_indices)
-        self.channels_last = channels_last
 
         norm_layer = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": _group_norm}[norm]
         body = getattr(torchvision.models, name)(
@@ -314,8 +152,6 @@ class ResNetBackbone(nn.Module):
         for index in range(max(self.stage_indices) + 1, len(_STAGES)):
             delattr(body, _STAGES[index])  # stages deeper than the deepest returned one would never run
         self.body = body
-        if norm == "frozen_bn":
-            fold_frozen_norms(body)
 
         self.load_report: LoadReport | None = None
         if weights is not None:
@@ -324,7 +160,7 @@ class ResNetBackbone(nn.Module):
             elif weights.endswith((".pth", ".pt", ".bin")) or "/" in weights:
                 raise FileNotFoundError(f"backbone weights file not found: {weights}")
             else:
-                state_dict = _torchvision_state_dict(name, weights)
+                state_dict = torchvision_state_dict(name, weights)
             self.load_report = load_resnet_state_dict(body, state_dict)
             if not self.load_report.ok:
                 raise ValueError(
@@ -342,8 +178,6 @@ class ResNetBackbone(nn.Module):
             for module in modules:
                 module.requires_grad_(False)
                 self._frozen.append(module)
-        if channels_last:
-            self.body.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "ResNetBackbone":
         super().train(mode)
@@ -366,8 +200,6 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         body = self.body
         x = body.maxpool(body.relu(body.bn1(body.conv1(images))))  # [B, 64, H/4, W/4]
         x = body.layer1(x)  # [B, C2, H/4, W/4]
@@ -398,4 +230,4 @@ def _select_stages(return_strides: tuple[int, ...], stage_strides: tuple[int, ..
     return tuple(indices)
 
 
-__all__ = ["FrozenBatchNorm2d", "LoadReport", "ResNetBackbone", "fold_frozen_norms", "load_resnet_state_dict", "match_state_dict", "read_state_dict"]
+__all__ = ["FrozenBatchNorm2d", "ResNetBackbone", "load_resnet_state_dict"]

@@ -4,7 +4,7 @@ The trunk follows ViT (Dosovitskiy et al. 2021) as torchvision and timm write it
 convolution, a [CLS] token, learned absolute position embeddings, pre-norm blocks (LayerNorm eps 1e-6,
 multi-head self-attention, GELU MLP) and a final LayerNorm. Module names are timm's (``patch_embed.proj``,
 ``pos_embed``, ``cls_token``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``) so
-timm/DeiT checkpoints load by name, torchvision checkpoints through ``detr_kit.compat.vit``, and the
+timm/DeiT checkpoints load by name, torchvision checkpoints through ``weights.convert_vit_state_dict``, and the
 trainer's layer-wise lr decay finds ``backbone.blocks.{i}.``. The patch embedding is a Conv2d with kernel
 = stride = patch size: the same linear map as ``rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)")``
 followed by a Linear, but with the checkpoints' own weight layout, so loading needs no reshuffling.
@@ -34,8 +34,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torchvision.ops import stochastic_depth
 
-from detr_kit.models.backbone.resnet import LoadReport
 from detr_kit.models.backbone.simple_pyramid import PyramidLevel, padding_mask_at_stride
+from detr_kit.models.backbone.weights import LoadReport, load_vit_weights, resize_position_embedding
 from detr_kit.structures import FeatureMap
 
 logger = logging.getLogger(__name__)
@@ -54,32 +54,37 @@ LAYER_NORM_EPS = 1e-6  # torchvision and timm ViTs
 # --------------------------------------------------------------------------------------------------------------
 
 
-def resize_position_embedding(table: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
-    """Resize a table of patch position embeddings to another patch grid by bicubic interpolation.
+def position_embedding_per_image(
+    table: Tensor, src_grid: tuple[int, int], valid_grid: Tensor, size: tuple[int, int]
+) -> Tensor:
+    """The position table resized to each image's own patch grid, zero beyond it: no image depends on its batch.
+
+    The bicubic resize of ``resize_position_embedding`` (``F.interpolate``, ``align_corners=False``) written as
+    ``F.grid_sample`` at each image's sampling positions (output cell i of n samples source position
+    ``(i + 0.5) * G / n - 0.5``; bicubic taps clamped at the border, as interpolate's), so that the grid sizes stay
+    tensors: no host sync, one graph for every batch.
 
     Args:
-        table: [src_h * src_w, C] or [1, src_h * src_w, C], row-major over the grid, without [CLS] entries.
-        src_grid: (src_h, src_w), the grid the table was learned at.
-        dst_grid: (dst_h, dst_w), the grid wanted.
+        table: [G_h * G_w, C] row-major over ``src_grid``.
+        src_grid: (G_h, G_w), the grid the table was learned at.
+        valid_grid: [B, 2] int, (rows, columns) of each image's valid patch grid (0 for an empty image).
+        size: (h, w) of the padded patch grid.
 
     Returns:
-        [dst_h * dst_w, C]; the table itself when the grids are equal. Interpolation is bicubic with
-        ``align_corners=False`` and no antialiasing (as timm and torchvision resize ViT position embeddings),
-        computed in float32 at least (float64 stays float64).
-
-    Raises:
-        ValueError: the table's length is not src_h * src_w.
+        [B, h, w, C], the table's dtype.
     """
-    table = table.reshape(-1, table.shape[-1])  # [N, C]
-    src_h, src_w = src_grid
-    if table.shape[0] != src_h * src_w:
-        raise ValueError(f"position table has {table.shape[0]} entries, not {src_h}x{src_w} = {src_h * src_w}")
-    if tuple(dst_grid) == (src_h, src_w):
-        return table
-    grid = rearrange(table, "(h w) c -> 1 c h w", h=src_h, w=src_w)  # [1, C, src_h, src_w]
-    grid = grid.to(torch.promote_types(grid.dtype, torch.float32))  # no bicubic in half precision
-    grid = F.interpolate(grid, size=tuple(dst_grid), mode="bicubic", align_corners=False)  # [1, C, dst_h, dst_w]
-    return rearrange(grid, "1 c h w -> (h w) c").to(table.dtype)  # [dst_h * dst_w, C]
+    height, width = size
+    dtype = torch.promote_types(table.dtype, torch.float32)  # no bicubic sampling in half precision
+    rows = valid_grid[:, 0:1].to(dtype)  # [B, 1]
+    cols = valid_grid[:, 1:2].to(dtype)  # [B, 1]
+    ys = (2 * torch.arange(height, dtype=dtype, device=table.device) + 1) / rows.clamp(min=1) - 1  # [B, h] in -1..1
+    xs = (2 * torch.arange(width, dtype=dtype, device=table.device) + 1) / cols.clamp(min=1) - 1  # [B, w]
+    batch = valid_grid.shape[0]
+    grid = torch.stack([xs[:, None, :].expand(batch, height, width), ys[:, :, None].expand(batch, height, width)], -1)
+    source = rearrange(table.to(dtype), "(h w) c -> 1 c h w", h=src_grid[0], w=src_grid[1]).expand(batch, -1, -1, -1)
+    out = F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False)  # [B, C, h, w]
+    inside = (ys < 1)[:, :, None] & (xs < 1)[:, None, :] & (valid_grid.min(-1).values > 0)[:, None, None]  # [B, h, w]
+    return rearrange(out, "b c h w -> b h w c").masked_fill(~inside[..., None], 0.0).to(table.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -341,8 +346,6 @@ class ViTBackbone(nn.Module):
             FileNotFoundError: the path does not exist.
             ValueError: a tensor's shape does not fit this model, or nothing in the state dict fits it.
         """
-        from detr_kit.compat.vit import load_vit_weights  # compat imports this module: import it when needed
-
         report = load_vit_weights(self, source)
         if report.missing or report.unexpected:
             name = source if isinstance(source, (str, Path)) else "the state dict"
@@ -376,18 +379,19 @@ class ViTBackbone(nn.Module):
         images = F.pad(images, (0, (-width) % p, 0, (-height) % p))  # [B, 3, p*h, p*w]
         x = self.patch_embed(images)  # [B, h, w, C]
         h, w = x.shape[1:3]
+        table = self.pos_embed[0, 1:] if self.cls_token is not None else self.pos_embed[0]  # [G*G, C]
+        source = (self.pretrain_grid, self.pretrain_grid)
         if mask is None:
             patch_mask = torch.zeros(batch, h, w, dtype=torch.bool, device=images.device)
-            grids = [(h, w)] * batch
+            pos = resize_position_embedding(table, source, (h, w)).view(1, h, w, -1)  # [1, h, w, C]
+            key_valid = None
         else:
             patch_mask = padding_mask_at_stride(mask, p)  # [B, h, w]
             patch_valid = ~patch_mask
-            rows = patch_valid.any(dim=2).sum(dim=1).tolist()
-            cols = patch_valid.any(dim=1).sum(dim=1).tolist()
-            grids = list(zip(rows, cols))
-        x = x + self._position_embedding(grids, h, w).to(x.dtype)  # [B, h, w, C]
-        tokens = rearrange(x, "b h w c -> b (h w) c")  # [B, h*w, C]
-        key_valid = None if all(g == (h, w) for g in grids) else ~patch_mask.flatten(1)  # [B, h*w]
+            valid_grid = torch.stack([patch_valid.any(dim=2).sum(dim=1), patch_valid.any(dim=1).sum(dim=1)], -1)
+            pos = position_embedding_per_image(table, source, valid_grid, (h, w))  # [B, h, w, C]
+            key_valid = patch_valid.flatten(1)  # [B, h*w]
+        tokens = rearrange(x + pos.to(x.dtype), "b h w c -> b (h w) c")  # [B, h*w, C]
         if self.cls_token is not None:
             cls = self.cls_token + self.pos_embed[:, :1]  # [1, 1, C]
             tokens = torch.cat((cls.expand(batch, -1, -1).to(tokens.dtype), tokens), dim=1)  # [B, 1 + h*w, C]
@@ -398,23 +402,6 @@ class ViTBackbone(nn.Module):
         tokens = self.norm(tokens)
         tokens = tokens[:, 1:] if self.cls_token is not None else tokens  # [B, h*w, C]
         return rearrange(tokens, "b (h w) c -> b h w c", h=h, w=w), patch_mask
-
-    def _position_embedding(self, grids: list[tuple[int, int]], h: int, w: int) -> Tensor:
-        """The position table resized to each image's valid patch grid and zero-padded to (h, w): [B, h, w, C]."""
-        table = self.pos_embed[0, 1:] if self.cls_token is not None else self.pos_embed[0]  # [G*G, C]
-        source = (self.pretrain_grid, self.pretrain_grid)
-        if all(g == (h, w) for g in grids):
-            resized = resize_position_embedding(table, source, (h, w))  # [h*w, C]
-            return rearrange(resized, "(h w) c -> 1 h w c", h=h, w=w).expand(len(grids), -1, -1, -1)
-        out = table.new_zeros(len(grids), h, w, table.shape[-1])  # [B, h, w, C]
-        resized_by_grid: dict[tuple[int, int], Tensor] = {}
-        for index, (gh, gw) in enumerate(grids):
-            if gh == 0 or gw == 0:
-                continue  # an image without valid pixels: every token is padding
-            if (gh, gw) not in resized_by_grid:
-                resized_by_grid[(gh, gw)] = resize_position_embedding(table, source, (gh, gw)).reshape(gh, gw, -1)
-            out[index, :gh, :gw] = resized_by_grid[(gh, gw)]
-        return out
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> list[FeatureMap]:
         """Run the ViT and its simple feature pyramid.
@@ -438,8 +425,4 @@ class ViTBackbone(nn.Module):
         return outputs
 
 
-__all__ = [
-    "VIT_SIZES",
-    "ViTBackbone",
-    "resize_position_embedding",
-]
+__all__ = ["VIT_SIZES", "ViTBackbone", "position_embedding_per_image"]
