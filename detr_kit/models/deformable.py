@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from detr_kit.models.transformer import MultiheadAttention, feed_forward
 from detr_kit.ops.dropout import dropout
 from detr_kit.ops.layer_norm import OutputSavingLayerNorm
-from detr_kit.ops.ms_deform_attn import ms_deform_attn
+from detr_kit.ops.deform_attn import ms_deform_attn
 
 _PROPOSAL_MIN_WH = 0.05  # two-stage proposal size on the finest level, doubled per level (the reference's value)
 _PROPOSAL_VALID_RANGE = (0.01, 0.99)  # proposals with any coordinate outside are masked (the reference's range)
@@ -200,7 +200,7 @@ class MSDeformAttn(nn.Module):
             scale = (reference_points[:, :, None, 2:, :, None] * (0.5 / points)).expand(per_point).contiguous()
         # [B, Lq, M, L, P, 2], a view of x and y planes ([B, Lq, M, 2, L, P] in memory)
         locations = torch.addcmul(origin, offsets, scale).permute(0, 1, 2, 4, 5, 3)
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)  # [B, Lq, C]
+        out = ms_deform_attn(value, spatial_shapes, locations, weights)  # [B, Lq, C]
         return self.output_proj(out)
 
 
