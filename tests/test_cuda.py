@@ -23,7 +23,7 @@ from tiny_models import TINY_DEFORMABLE, TINY_DETR
 from detr_kit.build import build_model
 from detr_kit.config import load_config
 from detr_kit.models.matcher import HungarianMatcher
-from detr_kit.ops.ms_deform_attn import ms_deform_attn
+from detr_kit.ops.deform_attn import ms_deform_attn
 from detr_kit.structures import Target
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -55,15 +55,16 @@ def _core_inputs(seed: int, dtype: torch.dtype):
     return value, shapes, locations, weights
 
 
-def test_deformable_core_on_cuda_matches_float64_reference():
+@pytest.mark.parametrize("impl", ["auto", "reference", "recompute"])  # the gather kernel is the CPU's
+def test_deformable_core_on_cuda_matches_float64_reference(impl):
     value, shapes, locations, weights = _core_inputs(0, torch.float64)
     expected = bilinear_reference(value, shapes, locations, weights)  # [B, Q, M*Dh] float64 on the CPU
     inputs = [t.float().to(CUDA).requires_grad_() for t in (value, locations, weights)]
     with torch.inference_mode():
-        gathered = ms_deform_attn(inputs[0].detach(), shapes, None, inputs[1].detach(), inputs[2].detach())
-    torch.testing.assert_close(gathered.cpu().double(), expected, atol=1e-5, rtol=1e-5)
+        inferred = ms_deform_attn(inputs[0].detach(), shapes, inputs[1].detach(), inputs[2].detach(), impl=impl)
+    torch.testing.assert_close(inferred.cpu().double(), expected, atol=1e-5, rtol=1e-5)
 
-    trained = ms_deform_attn(inputs[0], shapes, None, inputs[1], inputs[2])
+    trained = ms_deform_attn(inputs[0], shapes, inputs[1], inputs[2], impl=impl)
     torch.testing.assert_close(trained.detach().cpu().double(), expected, atol=1e-5, rtol=1e-5)
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     trained.backward(grad_out.float().to(CUDA))
@@ -79,7 +80,7 @@ def test_deformable_core_under_cuda_autocast_returns_autocast_dtype_and_float32_
     value, shapes, locations, weights = _core_inputs(2, torch.float64)
     expected = bilinear_reference(value, shapes, locations, weights)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = ms_deform_attn(value.float().to(CUDA), shapes, None, locations.float().to(CUDA), weights.float().to(CUDA))
+        out = ms_deform_attn(value.float().to(CUDA), shapes, locations.float().to(CUDA), weights.float().to(CUDA))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float().cpu().double(), expected, atol=3e-2, rtol=1e-2)
 

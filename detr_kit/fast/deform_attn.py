@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from detr_kit.models.deformable.attention import MSDeformAttn, check_inputs, compute_dtype
-from detr_kit.ops.autocast import autocast_enabled
-from detr_kit.ops.ms_deform_attn import ms_deform_attn
+from detr_kit.ops.autocast import autocast_dtype
+from detr_kit.ops.deform_attn import ms_deform_attn
 
 
 class LinearOfSum(torch.autograd.Function):
@@ -75,7 +75,7 @@ class FastMSDeformAttn(nn.Module):
         """Offsets [B, Lq, M*2*L*P] (axis-major) and attention logits [B, Lq, M*L*P] of ``query + query_pos``."""
         offset_weight = self.sampling_offsets.weight[self.axis_major_rows]  # [M*2*L*P, C]
         offset_bias = self.sampling_offsets.bias[self.axis_major_rows]  # [M*2*L*P]
-        if query_pos is not None and torch.is_grad_enabled() and not autocast_enabled(query.device.type):
+        if query_pos is not None and torch.is_grad_enabled() and autocast_dtype(query.device.type) is None:
             weight = torch.cat([offset_weight, self.attention_weights.weight])  # [M*L*P*3, C]
             bias = torch.cat([offset_bias, self.attention_weights.bias])  # [M*L*P*3]
             both = LinearOfSum.apply(query, query_pos, weight, bias)
@@ -118,7 +118,7 @@ class FastMSDeformAttn(nn.Module):
             scale = (reference_points[:, :, None, 2:, :, None] * (0.5 / points)).expand(per_point).contiguous()
         # [B, Lq, M, L, P, 2], a view of x and y planes ([B, Lq, M, 2, L, P] in memory)
         locations = torch.addcmul(origin, offsets, scale).permute(0, 1, 2, 4, 5, 3)
-        out = ms_deform_attn(value, spatial_shapes, None, locations, weights)  # [B, Lq, C]
+        out = ms_deform_attn(value, spatial_shapes, locations, weights, impl=self.impl)  # [B, Lq, C]
         return self.output_proj(out)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_kit.models.backbone.resnet import FrozenBatchNorm2d
-from detr_kit.ops.autocast import autocast_enabled
+from detr_kit.ops.autocast import autocast_dtype
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
@@ -45,8 +45,8 @@ class _ScaledConvolution(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, shift, stride, padding, dilation, groups):  # noqa: ANN001, ANN205
         device_type = x.device.type
-        if autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
+        if (dtype := autocast_dtype(device_type)) is not None:
+            x = x.to(dtype)
             with torch.autocast(device_type, enabled=False):
                 out = _ScaledConvolution._convolution(x, weight, scale, shift, (stride, padding, dilation, groups))
         else:

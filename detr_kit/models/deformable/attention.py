@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from detr_kit.ops.ms_deform_attn import ms_deform_attn
+from detr_kit.ops.deform_attn import ms_deform_attn
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -145,7 +145,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).to(dtype).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)  # [B, Lq, M, L, P]
         locations = sampling_locations(reference_points.to(dtype), offsets, spatial_shapes)  # [B, Lq, M, L, P, 2]
-        out = ms_deform_attn(value, spatial_shapes, None, locations, weights)  # [B, Lq, C]
+        out = ms_deform_attn(value, spatial_shapes, locations, weights, impl=self.impl)  # [B, Lq, C]
         return self.output_proj(out)
 
 
