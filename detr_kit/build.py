@@ -342,9 +342,8 @@ from detr_kit.structures import LabelMap  # noqa: E402
 
 COCO_HELP = (
     "point data.root at your COCO-format data (data.train_images, data.train_annotations, data.val_images and "
-    "data.val_annotations are relative to it); COCO 2017 itself is train2017/, val2017/ and "
-    "annotations/instances_{train,val}2017.json from https://cocodataset.org/#download; "
-    "data.dataset=synthetic needs no download (it generates a small shapes dataset)"
+    "data.val_annotations are relative to it), or get COCO 2017 from https://cocodataset.org/#download "
+    "(data.dataset=synthetic needs no download)"
 )
 
 
@@ -436,33 +435,35 @@ def build_datasets(cfg: Config, label_map: LabelMap | None = None):
         if missing:
             raise DatasetError(f"data.root={root}: dataset not found (missing {', '.join(missing)} in it)", COCO_HELP)
     train_images, train_json, val_images, val_json = paths
-    errors: list[DatasetError] = []  # both splits are checked before one error lists every problem
+    failed: list[tuple[DatasetError, Path]] = []  # both splits are checked before one error lists every problem
     train = val = None
     try:
         train = CocoDetection(train_images, train_json, build_transforms(d, True), True, label_map, d.on_bad_image)
     except DatasetError as err:
-        errors.append(err)
+        failed.append((err, train_json))
     try:
         val_map = train.label_map if train is not None else label_map
         val = CocoDetection(val_images, val_json, build_transforms(d, False), False, val_map, d.on_bad_image)
     except DatasetError as err:
-        if not errors or err.what != errors[0].what:  # the same json for both splits: its problems once
-            errors.append(err)
-    if errors:
-        raise _one_dataset_error(errors, [(train_images, train_json), (val_images, val_json)])
+        if val_json != train_json:  # the same json for both splits: its problems once
+            failed.append((err, val_json))
+    if failed:
+        raise _one_dataset_error(failed, {train_json: train_images, val_json: val_images})
     return train, val
 
 
-def _one_dataset_error(errors: list[DatasetError], splits: list[tuple[Path, Path]]) -> DatasetError:
-    """One DatasetError for the problems of both splits, naming the doctor command of each failing one."""
-    if len(errors) == 1:
-        return errors[0]
+def _one_dataset_error(failed: list[tuple[DatasetError, Path]], image_dirs: dict[Path, Path]) -> DatasetError:
+    """One DatasetError for the problems of both splits: each problem prefixed with its json, each fix once."""
+    if len(failed) == 1:
+        return failed[0][0]
     from detr_kit.data.doctor import doctor_command
 
-    commands = " and ".join(doctor_command(images, json_file) for images, json_file in splits)
-    return DatasetError("; ".join(err.what for err in errors),
-                        f"fix them; the dataset doctor lists each with its fix: {commands}",
-                        [line for err in errors for line in err.details])
+    problems = [f"{json_file.name}: {line}" for err, json_file in failed for line in err.details
+                if not line.startswith("fix ")]
+    fixes = dict.fromkeys(line for err, _ in failed for line in err.details if line.startswith("fix "))
+    commands = " and ".join(doctor_command(image_dirs[json_file], json_file) for _, json_file in failed)
+    return DatasetError("; ".join(err.what for err, _ in failed),
+                        f"fix them; the dataset doctor lists each with its fix: {commands}", problems + list(fixes))
 
 
 def _seed_worker_transforms(worker_id: int) -> None:

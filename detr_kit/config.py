@@ -414,8 +414,9 @@ def _unknown_key(cls: type, key: str, prefix: str, source: str) -> typing.NoRetu
     valid = sorted(get_type_hints(cls))
     full = f"{prefix}.{key}" if prefix else key
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}? " if close else ""
-    raise ConfigError(f"{source}: unknown key {full!r}", f"{hint}valid keys here: {', '.join(valid)}")
+    if close:
+        raise ConfigError(f"{source}: unknown key {full!r}", f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}?")
+    raise ConfigError(f"{source}: unknown key {full!r}", f"valid keys here: {', '.join(valid)}")
 
 
 def _dataclass_in(tp: Any) -> type | None:

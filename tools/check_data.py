@@ -93,10 +93,16 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError(f"--images {args.images} is not a folder" if args.images.exists() else
                            f"--images {args.images} does not exist",
                            "pass the folder the json's file_name entries are relative to with --images")
-    if args.show_aug > 0:
+    if not args.annotations.is_file():
+        raise DatasetError(f"--annotations {args.annotations} " + ("is a folder" if args.annotations.is_dir() else
+                           "does not exist"), "pass the COCO instances json with --annotations")
+    if args.show_aug > 0:  # the config and the output folder are checked before the checks, which may be long
+        from detr_kit.config import load_config
         from detr_kit.engine.outputs import claim_output_folder
 
-        claim_output_folder(args.out, "--out", "tools/check_data.py")  # before the checks, which may be long
+        if args.config:
+            load_config(args.config)
+        claim_output_folder(args.out, "--out", "tools/check_data.py")
     report = check_dataset(args.images, args.annotations, check_pixels=not args.skip_pixels)
     print_report(report, args.max_per_kind)
     errors = report.count("error")

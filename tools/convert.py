@@ -155,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
     from detr_kit.engine.outputs import check_output_file
 
     check_output_file(args.out, "--out", args.overwrite, inputs=[args.source])  # before reading the source
+    if args.config:
+        from detr_kit.config import load_config
+
+        load_config(args.config)  # a bad --config fails now, not after reading the source
     path = convert(args.source, args.out, args.config, args.dilation, args.trusted)
     print(f"wrote {path}")
     return 0

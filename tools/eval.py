@@ -5,7 +5,7 @@
 
 Prints the 12-line COCO summary and a per-class AP table, and writes metrics.json and detections.json
 (COCO results format) into the output folder (default: the checkpoint's folder / eval), which must be new, empty
-or made by detr_kit; it is checked before the model is built. The model is built
+or made by detr_kit; it is checked before the model is built and evaluated. The model is built
 from the config given here; the checkpoint's label map (if it has one) decides the classes. With a
 checkpoint that holds EMA weights, those are evaluated (pass --no-ema for the raw weights).
 """
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from detr_kit.engine import distributed as dist_utils
     from detr_kit.engine.checkpoint import load_checkpoint
     from detr_kit.engine.evaluator import evaluate
-    from detr_kit.engine.outputs import claim_output_folder
+    from detr_kit.engine.outputs import check_output_folder, claim_output_folder
     from detr_kit.errors import CheckpointError
     from detr_kit.structures import LabelMap
 
@@ -55,11 +55,12 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"--checkpoint {args.checkpoint} has no 'model' entry",
                               "give a detr_kit checkpoint (tools/convert.py converts official and Hugging Face ones)")
     output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).resolve().parent / "eval"
-    claim_output_folder(output_dir, "--output-dir", "tools/eval.py")  # before the long work, not after it
+    check_output_folder(output_dir, "--output-dir")  # refused now; claimed (made) once the dataset is fine
     label_map = LabelMap.from_dict(state["label_map"]) if state.get("label_map") else None
     info = dist_utils.init_distributed(args.device)
     try:
         _, val_dataset = build.build_datasets(cfg, label_map=label_map)
+        claim_output_folder(output_dir, "--output-dir", "tools/eval.py")  # before the model and the evaluation
         label_map = val_dataset.label_map
         model = build.build_model(cfg, num_classes=len(label_map))
         weights = state["model"]

@@ -105,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_outputs(out: Path, names: list[str], inputs: list[Path], overwrite: bool) -> None:
-    """Refuse outputs that would replace an input (always) or an earlier output (unless ``overwrite``).
+    """Refuse a --out folder detr_kit may not write into, and outputs that would replace an input (always) or an
+    earlier output (unless ``overwrite``). Creates nothing.
 
     Raises:
-        OutputError: naming the files and the flag to change.
+        OutputError: naming the folder or files and the flag to change.
     """
+    from detr_kit.engine.outputs import check_output_folder
     from detr_kit.errors import OutputError
 
     targets = [out / n for n in names] + [out / "detections.json"]
@@ -117,6 +119,7 @@ def check_outputs(out: Path, names: list[str], inputs: list[Path], overwrite: bo
     if clashes:
         raise OutputError(f"--out {out} would overwrite the input(s) {', '.join(clashes[:5])}",
                           "choose another --out than the folder the images come from")
+    check_output_folder(out, "--out")
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
@@ -132,12 +135,11 @@ def run(args: argparse.Namespace) -> int:
     for message in warnings:
         print(f"warning: {message}", file=sys.stderr)
     if not files:
-        raise DetrKitError("no input files found; nothing to do", "give image files, folders or glob patterns")
+        raise DetrKitError(f"no image files found in {', '.join(args.inputs)}", "give image files, folders or glob patterns")
 
     out = Path(args.out)
     names = output_names(files)
     check_outputs(out, names, files, args.overwrite)
-    claim_output_folder(out, "--out", "tools/infer.py")
 
     from tqdm import tqdm
 
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold,
                                         trusted=args.trusted)
+    claim_output_folder(out, "--out", "tools/infer.py")
     category_ids = detector.label_map.category_ids
     ids = image_ids(files)
     results: list[dict] = []

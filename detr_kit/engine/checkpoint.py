@@ -126,9 +126,13 @@ def refused_load_error(path: str | Path, err: Exception) -> CheckpointError:
     refused = re.search(r"GLOBAL ([\w.]+)", str(err))
     if refused:
         return PickledCodeError(f"checkpoint {str(path)!r} holds pickled code (GLOBAL {refused.group(1)})", TRUST_HINT)
-    reason = " ".join(f"{type(err).__name__}: {err}".split())[:200] if str(err) else type(err).__name__
+    message = " ".join(str(err).split())
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         reason = "the file is empty, 0 bytes"
+    elif message.startswith("Weights only load failed"):  # torch's advice on weights_only does not apply
+        reason = "unreadable pickle data"
+    else:
+        reason = f"{type(err).__name__}: {message.split('. ')[0][:160]}" if message else type(err).__name__
     return CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({reason})",
                            "copy it again, or use another checkpoint")
 

@@ -30,20 +30,12 @@ MARKER = ".detr_kit_outputs"
 _LISTED = 5  # foreign names shown in an error
 
 
-def claim_output_folder(folder: str | os.PathLike, option: str, tool: str = "detr_kit") -> Path:
-    """Make ``folder`` (a new, empty or already claimed folder) detr_kit's, or refuse.
+def check_output_folder(folder: str | os.PathLike, option: str) -> Path:
+    """Refuse ``folder`` now if claiming it later would fail; creates and writes nothing.
 
-    Args:
-        folder: the output folder.
-        option: the flag or key that chooses it, for the error's fix (e.g. ``"--output-dir"``).
-        tool: recorded in the marker (e.g. ``"tools/train.py"``).
-
-    Returns:
-        ``folder`` as a Path; it exists, holds the marker and is writable.
-
-    Raises:
-        OutputError: the folder is a file, lies under a file, is not writable, or holds files without the
-            marker (files detr_kit did not write).
+    Lets a tool refuse a bad output folder before long work (e.g. generating a dataset) without leaving a new
+    folder behind when that work fails for another reason. Raises what :func:`claim_output_folder` raises,
+    except that writability is only checked by permissions here.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -61,6 +53,29 @@ def claim_output_folder(folder: str | os.PathLike, option: str, tool: str = "det
                 f"choose a new or empty folder with {option} (if an older detr_kit made this folder, "
                 f"create an empty {MARKER} file in it to let detr_kit write there)",
             )
+    existing = next(p for p in (folder, *folder.parents, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is a file" if not existing.is_dir() else f"{existing} is not writable"
+        raise OutputError(f"output folder {folder} is not writable ({reason})", f"choose another folder with {option}")
+    return folder
+
+
+def claim_output_folder(folder: str | os.PathLike, option: str, tool: str = "detr_kit") -> Path:
+    """Make ``folder`` (a new, empty or already claimed folder) detr_kit's, or refuse.
+
+    Args:
+        folder: the output folder.
+        option: the flag or key that chooses it, for the error's fix (e.g. ``"--output-dir"``).
+        tool: recorded in the marker (e.g. ``"tools/train.py"``).
+
+    Returns:
+        ``folder`` as a Path; it exists, holds the marker and is writable.
+
+    Raises:
+        OutputError: the folder is a file, lies under a file, is not writable, or holds files without the
+            marker (files detr_kit did not write).
+    """
+    folder = check_output_folder(folder, option)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         note = {"written_by": "detr_kit", "tool": tool,
@@ -140,4 +155,4 @@ def why_unwritable(folder: str | os.PathLike, err: OSError) -> str:
     return err.strerror or str(err)
 
 
-__all__ = ["MARKER", "atomic_output", "check_output_file", "claim_output_folder", "why_unwritable"]
+__all__ = ["MARKER", "atomic_output", "check_output_file", "check_output_folder", "claim_output_folder", "why_unwritable"]

@@ -38,7 +38,7 @@ from detr_kit.engine.ema import ModelEMA
 from detr_kit.engine.examples import draw_examples
 from detr_kit.engine.loaders import loader_skipping, seed_everything, set_epoch, shutdown_workers
 from detr_kit.engine.logging import AP_KEYS, MetricsLogger, ProgressBar, Timer
-from detr_kit.engine.outputs import claim_output_folder
+from detr_kit.engine.outputs import check_output_folder, claim_output_folder
 from detr_kit.engine.signals import StopSignal, shield_workers
 from detr_kit.engine.step import probe_unused_parameters, train_step
 from detr_kit.errors import CheckpointError, PickledCodeError
@@ -89,7 +89,11 @@ class Trainer:
         self.amp = t.amp
         if self.is_main:
             remove_stale_temp_files(self.output_dir)
-        resume_path = self._resume_path(resume)  # a missing file fails now, before the datasets and the model
+        resume_path = self._resume_path(resume)  # a missing or broken file fails now, before the datasets
+        resume_state = self._read_resume_checkpoint(resume_path) if resume_path is not None else None
+        if t.init_from and not Path(t.init_from).exists():
+            raise CheckpointError(f"train.init_from={t.init_from} does not exist",
+                                  "give a detr_kit, official or Hugging Face checkpoint file or folder")
 
         seed_everything(t.seed, t.deterministic)
         self.train_dataset, self.val_dataset = build.build_datasets(cfg)
@@ -108,6 +112,8 @@ class Trainer:
             except PickledCodeError as err:
                 raise PickledCodeError(f"train.init_from: {err.what}", "refused for safety; set "
                                        "train.init_from_trusted=true if you trust its source") from err
+            except CheckpointError as err:
+                raise CheckpointError(f"train.init_from: {err.what}", err.fix) from err
         self.criterion = build.build_criterion(cfg, num_classes=len(self.label_map)).to(self.device)
         self.postprocessor = build.build_postprocessor(cfg)
         self._build_loaders(build)
@@ -125,8 +131,8 @@ class Trainer:
         self.best_ap = -math.inf
         self.metrics: dict[str, Any] = {}
         self.resumed_from: Path | None = None
-        if resume_path is not None:
-            self._load(resume_path)
+        if resume_state is not None:
+            self._load(resume_path, resume_state)
 
         self.train_model = self.model
         if dist_info.enabled:
@@ -190,7 +196,8 @@ class Trainer:
                                   "give the last.pth of a run, or --resume alone for <output dir>/last.pth")
         return path
 
-    def _load(self, path: Path) -> None:
+    @staticmethod
+    def _read_resume_checkpoint(path: Path) -> dict[str, Any]:
         try:
             state = load_checkpoint(path)
         except PickledCodeError as err:
@@ -201,6 +208,9 @@ class Trainer:
             raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed from: it has no {missing}",
                                   "resume from a last.pth that tools/train.py wrote, or start from its weights "
                                   "with train.init_from")
+        return state
+
+    def _load(self, path: Path, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("lr_scheduler") is not None:
@@ -462,7 +472,7 @@ def train(
         :meth:`Trainer.train`'s summary (``stopped`` is True after SIGTERM / SIGINT).
     """
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(cfg)
-    claim_output_folder(output_dir, OUTPUT_OPTION, "tools/train.py")  # before joining a process group: fail fast
+    check_output_folder(output_dir, OUTPUT_OPTION)  # before joining a process group: fail fast, everywhere alike
     info = dist_utils.init_distributed(device)
     try:
         trainer = Trainer(cfg, output_dir, resume=resume, dist_info=info)

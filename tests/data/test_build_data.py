@@ -37,7 +37,8 @@ def test_missing_coco_says_where_and_how(tmp_path):
     with pytest.raises(DatasetError) as err:
         build_datasets(Config().replace([f"data.root={tmp_path / 'coco'}"]))
     message = str(err.value)
-    assert "train2017" in message and "cocodataset.org" in message and "data.root=" in message and "synthetic" in message
+    assert f"(no folder {tmp_path / 'coco'})" in message and "cocodataset.org" in message
+    assert "point data.root at your COCO-format data" in message and "data.dataset=synthetic" in message
     (tmp_path / "coco" / "train2017").mkdir(parents=True)
     with pytest.raises(DatasetError, match=r"missing annotations/instances_train2017.json, val2017, "
                                            r"annotations/instances_val2017.json in it\) — point data.root"):

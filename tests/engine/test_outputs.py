@@ -7,7 +7,13 @@ import stat
 
 import pytest
 
-from detr_kit.engine.outputs import MARKER, atomic_output, check_output_file, claim_output_folder
+from detr_kit.engine.outputs import (
+    MARKER,
+    atomic_output,
+    check_output_file,
+    check_output_folder,
+    claim_output_folder,
+)
 from detr_kit.errors import OutputError
 
 
@@ -97,3 +103,16 @@ def test_a_claim_in_flight_does_not_make_the_folder_foreign(tmp_path):
     (folder / MARKER).unlink()
     with pytest.raises(OutputError, match=rf"holds files detr_kit did not write \({MARKER}.bak\)"):
         claim_output_folder(folder, "--output-dir")
+
+
+def test_checking_a_folder_creates_nothing_and_refuses_what_a_claim_would(tmp_path):
+    assert check_output_folder(tmp_path / "new" / "run", "--output-dir") == tmp_path / "new" / "run"
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    (tmp_path / "a_file").write_text("x")
+    for folder, message in ((tmp_path / "mine", "holds files detr_kit did not write"),
+                            (tmp_path / "a_file", "is a file — "), (tmp_path / "a_file" / "run", r"\(.*a_file is a file\)")):
+        with pytest.raises(OutputError, match=message):
+            check_output_folder(folder, "--output-dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "mine"]
