@@ -301,6 +301,46 @@ def test_every_key_and_flag_a_message_names_exists(printed):
     assert {"eval.py --trusted", "train.py --output-dir", "check_data.py --images", "export.py --overwrite"} <= checked_flags
 
 
+# ------------------------------------------------------------------------------------------ trusted files
+
+
+@pytest.fixture(scope="module")
+def numpy_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint from elsewhere that holds a NumPy scalar: harmless, but more than weights_only allows."""
+    import numpy as np
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("trusted") / "numpy.pth", {"best_score": np.float64(0.5)})
+
+
+def test_trusted_loads_what_weights_only_refuses(workspace, numpy_checkpoint, tmp_path, capsys):
+    infer = load_tool("infer.py")
+    args = ["--checkpoint", str(numpy_checkpoint), str(workspace / "my_data" / "images" / "a.jpg"), "--device", "cpu"]
+    assert infer.main([*args, "--out", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err
+    assert "holds pickled code (GLOBAL numpy." in err and "pass --trusted if you trust its source" in err
+    assert not (tmp_path / "refused").exists()
+    assert infer.main([*args, "--out", str(tmp_path / "trusted"), "--trusted"]) == 0
+    assert (tmp_path / "trusted" / "a.jpg").is_file()
+
+
+def test_train_init_from_trusted_reaches_the_loader(numpy_checkpoint, tmp_path):
+    import torch
+
+    from detr_kit.config import load_config
+    from detr_kit.engine.trainer import Trainer
+    from detr_kit.errors import PickledCodeError
+
+    cfg = load_config(TINY_CONFIG, [f"data.root={tmp_path / 'synth'}", f"train.init_from={numpy_checkpoint}",
+                                    "train.seed=7"])  # not the checkpoint's seed: equal weights must come from it
+    with pytest.raises(PickledCodeError, match=r"^train.init_from: checkpoint .*numpy.pth' holds pickled code "
+                                               r"\(GLOBAL numpy\..*\) — refused for safety; set train.init_from_trusted"):
+        Trainer(cfg, tmp_path / "refused", device="cpu")
+    trainer = Trainer(cfg.replace(["train.init_from_trusted=true"]), tmp_path / "trusted", device="cpu")
+    weights = torch.load(numpy_checkpoint, weights_only=False)["model"]
+    for key in ("class_embed.weight", "query_embed.weight"):
+        torch.testing.assert_close(trainer.model.state_dict()[key], weights[key], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------ real processes
 
 

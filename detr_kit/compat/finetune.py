@@ -208,10 +208,16 @@ def load_pretrained(
         PretrainedLoadReport listing loaded, re-initialised, missing, unexpected and mismatched keys.
 
     Raises:
-        FileNotFoundError, ValueError: unreadable sources, or keys no conversion rule knows.
+        CheckpointError: an unreadable source, or keys no conversion rule knows.
+        PickledCodeError: the file holds pickled code and ``trusted`` is False.
     """
     target = _unwrap_model(model)
-    fmt, state_dict = checkpoint_state_dict(read_checkpoint(source, trusted=trusted))
+    checkpoint = read_checkpoint(source, trusted=trusted)
+    try:
+        fmt, state_dict = checkpoint_state_dict(checkpoint)
+    except ValueError as err:  # the converters name the key no rule knows
+        raise CheckpointError(f"{source if not isinstance(source, Mapping) else 'the checkpoint'}: {err}",
+                              "give a detr_kit, official DETR / Deformable-DETR or Hugging Face checkpoint") from err
     own = target.state_dict()
     usable: dict[str, Tensor] = {}
     unexpected: list[str] = []

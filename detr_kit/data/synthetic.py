@@ -241,7 +241,7 @@ def _recognise_unmarked(root: Path) -> dict | None:
     """A dataset of this generator from before the marker: exactly the files its jsons list, nothing else."""
     files, params = [], None
     try:
-        for split in ("train", "val"):
+        for split in ("val", "train"):  # the smaller json first: a user's COCO layout fails the test on it
             data = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
             params = data["info"]["detr_kit_synthetic"]
             files += [f"{split}/{img['file_name']}" for img in data["images"]] + [f"annotations/instances_{split}.json"]
