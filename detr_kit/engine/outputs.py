@@ -53,7 +53,7 @@ def check_output_folder(folder: str | os.PathLike, option: str) -> Path:
                 f"choose a new or empty folder with {option} (if an older detr_kit made this folder, "
                 f"create an empty {MARKER} file in it to let detr_kit write there)",
             )
-    existing = next(p for p in (folder, *folder.parents, *folder.absolute().parents) if p.exists())
+    existing = _nearest_existing(folder)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         reason = f"{existing} is a file" if not existing.is_dir() else f"{existing} is not writable"
         raise OutputError(f"output folder {folder} is not writable ({reason})", f"choose another folder with {option}")
@@ -93,7 +93,7 @@ def check_output_file(
 ) -> Path:
     """Check that ``path`` may be written: new (or ``overwrite``), not an input, in a writable folder.
 
-    Creates the parent folder when it is missing. Nothing is written at ``path``.
+    Creates and writes nothing (:func:`atomic_output` makes a missing parent folder when the file is written).
 
     Args:
         path: the output file.
@@ -113,13 +113,10 @@ def check_output_file(
     if path.exists() and not overwrite:
         raise OutputError(f"{option} {path} already exists",
                           f"choose another file with {option}, or pass --overwrite to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
-            pass
-    except OSError as err:
-        raise OutputError(f"{option} {path} cannot be written ({why_unwritable(path.parent, err)})",
-                          f"choose another file with {option}") from err
+    folder = _nearest_existing(path.parent)
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        reason = f"{folder} is a file" if not folder.is_dir() else f"{folder} is not writable"
+        raise OutputError(f"{option} {path} cannot be written ({reason})", f"choose another file with {option}")
     return path
 
 
@@ -132,16 +129,29 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     must be told the format (the temporary name ends in ``.tmp``).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:
+        tmp.chmod(0o666 & ~_umask())  # mkstemp makes the file private; an output is as open as any new file
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest existing parent (as given, so that messages keep the user's relative path)."""
+    return next(p for p in (path, *path.parents, *path.absolute().parents) if p.exists())
 
 
 def why_unwritable(folder: str | os.PathLike, err: OSError) -> str:
@@ -155,4 +165,11 @@ def why_unwritable(folder: str | os.PathLike, err: OSError) -> str:
     return err.strerror or str(err)
 
 
-__all__ = ["MARKER", "atomic_output", "check_output_file", "check_output_folder", "claim_output_folder", "why_unwritable"]
+__all__ = [
+    "MARKER",
+    "atomic_output",
+    "check_output_file",
+    "check_output_folder",
+    "claim_output_folder",
+    "why_unwritable",
+]

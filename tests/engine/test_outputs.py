@@ -64,7 +64,7 @@ def test_unwritable_folder_is_reported(tmp_path):
 
 def test_output_files_are_new_unless_overwrite_and_never_an_input(tmp_path):
     out = check_output_file(tmp_path / "new" / "model.onnx", "--out")
-    assert out.parent.is_dir() and not out.exists() and not list(out.parent.iterdir())  # nothing left behind
+    assert out == tmp_path / "new" / "model.onnx" and not (tmp_path / "new").exists()  # nothing made
     existing = tmp_path / "weights.pth"
     existing.write_bytes(b"user weights")
     with pytest.raises(OutputError, match="weights.pth already exists — choose another file with --out, or pass "
@@ -73,8 +73,9 @@ def test_output_files_are_new_unless_overwrite_and_never_an_input(tmp_path):
     assert check_output_file(existing, "--out", overwrite=True) == existing
     with pytest.raises(OutputError, match="is the input the tool reads"):
         check_output_file(existing, "--out", overwrite=True, inputs=[tmp_path / "other.pth", existing])
+    (tmp_path / "folder").mkdir()
     with pytest.raises(OutputError, match="is a folder — name the file to write with --out"):
-        check_output_file(tmp_path / "new", "--out")
+        check_output_file(tmp_path / "folder", "--out")
     with pytest.raises(OutputError, match=r"cannot be written \(.*weights.pth is a file\)"):
         check_output_file(existing / "x.onnx", "--out")
     assert existing.read_bytes() == b"user weights"
@@ -91,6 +92,12 @@ def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path):
     with atomic_output(path) as tmp:
         tmp.write_text("new")
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["detections.json"]
+    with atomic_output(tmp_path / "new" / "x.json") as tmp:  # the folder of a new file is made
+        tmp.write_text("{}")
+    assert (tmp_path / "new" / "x.json").read_text() == "{}"
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert stat.S_IMODE((tmp_path / "new" / "x.json").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
 
 
 def test_a_claim_in_flight_does_not_make_the_folder_foreign(tmp_path):
