@@ -3,35 +3,40 @@
 Public API:
     load_config, build_model, build_criterion, build_postprocessor, Detector,
     and the structures ImageBatch, Target, DetectionOutput, Detections, LabelMap.
+
+The names are imported on first use, so that torch-free parts (``detr_kit.config``, ``detr_kit.errors``,
+``detr_kit.data.doctor``) import without torch.
 """
 
-from detr_kit.build import build_criterion, build_model, build_postprocessor
-from detr_kit.config import Config, ConfigError, load_config
-from detr_kit.structures import DetectionOutput, Detections, ImageBatch, LabelMap, LossOutput, Target
+from importlib import import_module
 
 __version__ = "0.1.0"
 
+_PUBLIC = {
+    "build_criterion": "detr_kit.build",
+    "build_model": "detr_kit.build",
+    "build_postprocessor": "detr_kit.build",
+    "Config": "detr_kit.config",
+    "ConfigError": "detr_kit.config",
+    "load_config": "detr_kit.config",
+    "DetectionOutput": "detr_kit.structures",
+    "Detections": "detr_kit.structures",
+    "ImageBatch": "detr_kit.structures",
+    "LabelMap": "detr_kit.structures",
+    "LossOutput": "detr_kit.structures",
+    "Target": "detr_kit.structures",
+    "Detector": "detr_kit.inference",
+}
+
 
 def __getattr__(name: str):
-    if name == "Detector":  # imported lazily: it pulls in the data pipeline
-        from detr_kit.inference import Detector
-
-        return Detector
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'detr_kit' has no attribute {name!r}")
 
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "DetectionOutput",
-    "Detections",
-    "Detector",
-    "ImageBatch",
-    "LabelMap",
-    "LossOutput",
-    "Target",
-    "build_criterion",
-    "build_model",
-    "build_postprocessor",
-    "load_config",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
+
+__all__ = sorted(_PUBLIC)

@@ -180,14 +180,13 @@ def build_postprocessor(cfg: Config | ModelConfig) -> nn.Module:
 from pathlib import Path  # noqa: E402  (the data section's own imports)
 
 from detr_kit.config import DataConfig  # noqa: E402
+from detr_kit.errors import DatasetError  # noqa: E402
 from detr_kit.structures import LabelMap  # noqa: E402
 
 COCO_HELP = (
-    "COCO 2017 is expected as {root}/train2017, {root}/val2017 and {root}/annotations/instances_{{train,val}}2017.json. "
-    "Download http://images.cocodataset.org/zips/train2017.zip, http://images.cocodataset.org/zips/val2017.zip and "
-    "http://images.cocodataset.org/annotations/annotations_trainval2017.zip and unzip them there, or point to your copy "
-    "with data.root=/path/to/coco (and data.train_images / data.train_annotations / data.val_images / data.val_annotations "
-    "for another layout). data.dataset=synthetic needs no download: it generates a small shapes dataset on first use."
+    "point data.root at your COCO-format data (data.train_images, data.train_annotations, data.val_images and "
+    "data.val_annotations are relative to it), or get COCO 2017 from https://cocodataset.org/#download "
+    "(data.dataset=synthetic needs no download)"
 )
 
 
@@ -224,28 +223,31 @@ def _synthetic_root(data_cfg: DataConfig) -> Path:
 
 
 def _ensure_synthetic(data_cfg: DataConfig) -> Path:
-    """Generate the shapes dataset unless an identical one (same generator arguments) is already there."""
-    import json
+    """Generate the shapes dataset unless an identical one (same generator arguments) is already there.
+
+    Raises:
+        DatasetError: data.root holds files the generator did not write (a user's own data, most likely).
+    """
     import logging
 
-    from detr_kit.data.synthetic import generate_shapes_dataset, synthetic_params
+    from detr_kit.data.synthetic import dataset_params, folder_state, generate_shapes_dataset, synthetic_params
 
     s = data_cfg.synthetic
     root = _synthetic_root(data_cfg)
     wanted = synthetic_params(s.num_train, s.num_val, s.image_size, s.min_objects, s.max_objects, s.seed)
-    marker = root / "annotations" / "instances_val.json"
-    try:
-        current = json.loads(marker.read_text())["info"].get("detr_kit_synthetic") if marker.is_file() else None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        current = None
-    if current == wanted:
+    if dataset_params(root) == wanted:
         return root
+    if folder_state(root) == "foreign":
+        raise DatasetError(
+            f"data.root={root} holds files detr_kit did not write, and data.dataset=synthetic would write shapes there",
+            "set data.dataset=coco to train on them, or point data.root at an empty folder",
+        )
     logging.getLogger(__name__).info("generating the synthetic shapes dataset in %s (%s)", root, wanted)
     try:
         generate_shapes_dataset(root, **wanted)
     except OSError:
         # Another process (e.g. another rank) renamed its finished copy into place first.
-        if not marker.is_file():
+        if dataset_params(root) != wanted:
             raise
     return root
 
@@ -257,8 +259,8 @@ def build_datasets(cfg: Config, label_map: LabelMap | None = None):
         cfg: the full config.
         label_map: a checkpoint's label map to keep (fine-tuning); None = from the train json.
     Raises:
-        FileNotFoundError: the COCO folders or files are missing (the message says where they are
-            expected and how to get them).
+        DatasetError: the COCO folders or files are missing (the message says where they are expected and
+            how to get them), or the jsons have problems (all of them in one message, see data/doctor.py).
     """
     from detr_kit.data.coco import CocoDetection
 
@@ -270,13 +272,41 @@ def build_datasets(cfg: Config, label_map: LabelMap | None = None):
     else:
         root = Path(d.root)
         paths = (root / d.train_images, root / d.train_annotations, root / d.val_images, root / d.val_annotations)
-        missing = [str(p) for p in paths if not p.exists()]
+        missing = [str(p.relative_to(root)) for p in paths if not p.exists()]
+        if not root.is_dir():
+            raise DatasetError(f"data.root={root}: dataset not found (no folder {root})", COCO_HELP)
         if missing:
-            raise FileNotFoundError(f"dataset not found: missing {', '.join(missing)}. " + COCO_HELP.format(root=root))
+            raise DatasetError(f"data.root={root}: dataset not found (missing {', '.join(missing)} in it)", COCO_HELP)
     train_images, train_json, val_images, val_json = paths
-    train = CocoDetection(train_images, train_json, build_transforms(d, True), True, label_map, d.on_bad_image)
-    val = CocoDetection(val_images, val_json, build_transforms(d, False), False, train.label_map, d.on_bad_image)
+    failed: list[tuple[DatasetError, Path]] = []  # both splits are checked before one error lists every problem
+    train = val = None
+    try:
+        train = CocoDetection(train_images, train_json, build_transforms(d, True), True, label_map, d.on_bad_image)
+    except DatasetError as err:
+        failed.append((err, train_json))
+    try:
+        val_map = train.label_map if train is not None else label_map
+        val = CocoDetection(val_images, val_json, build_transforms(d, False), False, val_map, d.on_bad_image)
+    except DatasetError as err:
+        if val_json != train_json:  # the same json for both splits: its problems once
+            failed.append((err, val_json))
+    if failed:
+        raise _one_dataset_error(failed, {train_json: train_images, val_json: val_images})
     return train, val
+
+
+def _one_dataset_error(failed: list[tuple[DatasetError, Path]], image_dirs: dict[Path, Path]) -> DatasetError:
+    """One DatasetError for the problems of both splits: each problem prefixed with its json, each fix once."""
+    if len(failed) == 1:
+        return failed[0][0]
+    from detr_kit.data.doctor import doctor_command
+
+    problems = [f"{json_file.name}: {line}" for err, json_file in failed for line in err.details
+                if not line.startswith("fix ")]
+    fixes = dict.fromkeys(line for err, _ in failed for line in err.details if line.startswith("fix "))
+    commands = " and ".join(doctor_command(image_dirs[json_file], json_file) for _, json_file in failed)
+    return DatasetError("; ".join(err.what for err, _ in failed),
+                        f"fix them; the dataset doctor lists each with its fix: {commands}", problems + list(fixes))
 
 
 def _seed_worker_transforms(worker_id: int) -> None:

@@ -21,11 +21,10 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, ge
 
 import yaml
 
+from detr_kit.errors import ConfigError
+
 T = TypeVar("T")
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file, the key and the fix."""
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -202,6 +201,7 @@ class TrainConfig:
     log_every_steps: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     init_from: str | None = None  # detr_kit, official or Hugging Face checkpoint to fine-tune from
+    init_from_trusted: bool = False  # let init_from hold pickled code (only for files from a source you trust)
     num_vis_images: int = 4  # images with predicted boxes drawn after each evaluation
 
 
@@ -243,7 +243,7 @@ VITS = ("vit_tiny", "vit_small", "vit_base")
 
 def _validate(cfg: Config, source: str) -> None:
     def fail(key: str, value: Any, allowed: str) -> None:
-        raise ConfigError(f"{source}: {key}={value!r} is invalid; allowed: {allowed}")
+        raise ConfigError(f"{source}: {key}={value!r} is invalid", f"set {key} to {allowed}")
 
     m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
     if m.backbone.name not in RESNETS + VITS:
@@ -344,22 +344,24 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found", "pass the path of a YAML config, e.g. one of configs/*.yaml")
     try:
         data = _load_yaml(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        problem = " ".join(str(err).split())  # PyYAML's message spans lines
+        raise ConfigError(f"{path}: not valid YAML ({problem})", "fix the YAML syntax at that line") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: holds a YAML {type(data).__name__}", "a config must be a YAML mapping (model: ..., data: ...)")
     return data
 
 
 def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
     resolved = path.resolve()
     if resolved in chain:
-        raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(str(p) for p in chain + (resolved,))}")
+        cycle = " -> ".join(str(p) for p in chain + (resolved,))
+        raise ConfigError(f"{path}: _base_ cycle: {cycle}", "remove one _base_ entry of the cycle")
     data = _read_yaml(path)
     bases = data.pop("_base_", None)
     if bases is None:
@@ -383,7 +385,7 @@ def _merge(into: dict, update: Mapping) -> None:
 
 def _apply_override(data: dict, item: str, source: str) -> None:
     if "=" not in item:
-        raise ConfigError(f"{source}: override {item!r} must look like a.b.c=value")
+        raise ConfigError(f"{source}: override {item!r} has no '='", "write overrides as section.key=value, e.g. train.lr=1e-4")
     dotted, raw = item.split("=", 1)
     keys = dotted.strip().split(".")
     try:
@@ -397,7 +399,8 @@ def _apply_override(data: dict, item: str, source: str) -> None:
             node[key] = {}
         node = node[key]
         if not isinstance(node, dict):
-            raise ConfigError(f"{source}: cannot set {dotted}: {key} is not a section")
+            raise ConfigError(f"{source}: cannot set {dotted}: {key} holds a value, not a section",
+                              f"give {key} as a mapping where it is set")
     node[keys[-1]] = value
 
 
@@ -410,7 +413,8 @@ def _check_path(cls: type, keys: list[str], source: str) -> None:
         sub = _dataclass_in(hints[key])
         if depth < len(keys) - 1:
             if sub is None:
-                raise ConfigError(f"{source}: {'.'.join(keys[: depth + 1])} is a value, not a section")
+                value_key = ".".join(keys[: depth + 1])
+                raise ConfigError(f"{source}: {value_key} is a value, not a section", f"set {value_key}=<value> itself")
             cls = sub
 
 
@@ -420,10 +424,11 @@ def _unknown_key(cls: type, key: str, prefix: str, source: str) -> typing.NoRetu
     if cls is ModelConfig and key in _MOVED_MODEL_KEYS:
         moved = _MOVED_MODEL_KEYS[key]
         where = f"model.{moved}" if moved else ("model.deformable (null = DETR)" if key == "arch" else "eval.exact_padding")
-        raise ConfigError(f"{source}: unknown key {full!r}; it moved to {where}")
+        raise ConfigError(f"{source}: unknown key {full!r}", f"it moved to {where}")
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}? " if close else ""
-    raise ConfigError(f"{source}: unknown key {full!r}; {hint}valid keys here: {', '.join(valid)}")
+    if close:
+        raise ConfigError(f"{source}: unknown key {full!r}", f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}?")
+    raise ConfigError(f"{source}: unknown key {full!r}", f"valid keys here: {', '.join(valid)}")
 
 
 def _dataclass_in(tp: Any) -> type | None:
@@ -471,7 +476,8 @@ def migrate_model_section(model: Mapping[str, Any]) -> dict:
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, recursively, checking keys and types."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {prefix or 'the config'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{source}: {prefix or 'the config'} must be a mapping, got {data!r}",
+                          f"give {prefix or 'the config'} as key: value pairs")
     if cls is Config and isinstance(data.get("model"), Mapping):
         data = {**data, "model": migrate_model_section(data["model"])}
     hints = get_type_hints(cls)
@@ -499,7 +505,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     origin = get_origin(tp)
 
     def wrong() -> typing.NoReturn:
-        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}", f"set {key} to {_type_name(tp)}")
 
     if origin in (Union, types.UnionType):
         options = get_args(tp)
@@ -520,7 +526,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{source}: {key}={value!r} is not allowed; choose one of {_type_name(tp)}{hint}")
+        raise ConfigError(f"{source}: {key}={value!r} is not allowed", f"set {key} to one of {_type_name(tp)}{hint}")
     if is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -534,7 +540,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{source}: {key} must have {len(args)} items, got {value!r}")
+            raise ConfigError(f"{source}: {key} must have {len(args)} items, got {value!r}", f"give {key} as a list of {len(args)} items")
         return tuple(_convert(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is bool:
         if isinstance(value, bool):

@@ -147,6 +147,7 @@ class Detector:
         amp: bool = False,
         use_ema: bool = False,
         batch_size: int = 4,
+        trusted: bool = False,
     ) -> "Detector":
         """Restore model, config and label map from a detr_kit checkpoint (see docs/architecture.md).
 
@@ -157,18 +158,21 @@ class Detector:
             amp: autocast on CUDA.
             use_ema: load the EMA weights (``ema.module``) instead of ``model``.
             batch_size: images per forward pass when a list is given.
+            trusted: allow pickled code in the file (``torch.load(weights_only=False)``); trusted files only.
 
         Raises:
-            FileNotFoundError / CheckpointError: for a missing or corrupt file.
-            ValueError: when the checkpoint lacks an entry the detector needs.
+            CheckpointError: for a missing or corrupt file, or one that lacks an entry the detector needs.
+            PickledCodeError: the file holds pickled code and ``trusted`` is False.
         """
         from detr_kit.build import build_model
         from detr_kit.engine.checkpoint import load_checkpoint
+        from detr_kit.errors import CheckpointError
 
-        state = load_checkpoint(path, map_location="cpu")
+        state = load_checkpoint(path, map_location="cpu", weights_only=not trusted)
         missing = [key for key in ("model", "config", "label_map") if key not in state]
         if missing:
-            raise ValueError(f"checkpoint {str(path)!r} lacks {missing}; it is not a detr_kit training checkpoint")
+            raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing}",
+                                  "give a checkpoint that tools/train.py or tools/convert.py wrote")
         # The checkpoint holds every weight: never fetch pretrained backbone weights, never compile.
         cfg = config_from_dict(state["config"], source=str(path)).replace(
             ["model.backbone.weights=null", "model.compile=false"], source=str(path)
@@ -177,7 +181,8 @@ class Detector:
         model = build_model(cfg, num_classes=len(label_map))
         if use_ema:
             if not state.get("ema"):
-                raise ValueError(f"checkpoint {str(path)!r} holds no EMA weights; use use_ema=False")
+                raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA weights (it was trained without train.ema)",
+                                      "use its raw weights (leave EMA off)")
             weights = state["ema"]["module"]
         else:
             weights = state["model"]

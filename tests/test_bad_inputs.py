@@ -26,6 +26,7 @@ from detr_kit.config import Config, config_from_dict
 from detr_kit.data.coco import BadImageError, CocoDetection
 from detr_kit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transforms
 from detr_kit.engine.checkpoint import CheckpointError, save_checkpoint
+from detr_kit.errors import DatasetError
 from detr_kit.inference import Detector, ImageReadError, read_image
 from detr_kit.structures import LabelMap
 
@@ -148,16 +149,16 @@ def _coco_root(corpus: Path, val_json: Path) -> Config:
 
 
 BROKEN_JSON = {
-    "truncated": (lambda p: p.write_text(p.read_text()[:-15]), r"not valid JSON \(truncated or corrupt\?\)"),
-    "zero_bytes": (lambda p: p.write_bytes(b""), "not valid JSON"),
-    "binary": (lambda p: p.write_bytes(b"\xff\xfe\x00\x81"), "not valid JSON"),
-    "a_list": (lambda p: p.write_text("[1, 2, 3]"), "expected a JSON object .* got a list"),
-    "no_images": (lambda p: _drop(p, "images"), r"missing key\(s\) \['images'\]"),
-    "no_annotations": (lambda p: _drop(p, "annotations"), r"missing key\(s\) \['annotations'\]"),
-    "no_categories": (lambda p: _drop(p, "categories"), r"missing key\(s\) \['categories'\]"),
+    "truncated": (lambda p: p.write_text(p.read_text()[:-15]), r"not readable as JSON \(truncated or corrupt\?\)"),
+    "zero_bytes": (lambda p: p.write_bytes(b""), "not readable as JSON"),
+    "binary": (lambda p: p.write_bytes(b"\xff\xfe\x00\x81"), "not readable as JSON"),
+    "a_list": (lambda p: p.write_text("[1, 2, 3]"), "top level is a list, not a COCO object"),
+    "no_images": (lambda p: _drop(p, "images"), r"missing or non-list key\(s\) \['images'\]"),
+    "no_annotations": (lambda p: _drop(p, "annotations"), r"missing or non-list key\(s\) \['annotations'\]"),
+    "no_categories": (lambda p: _drop(p, "categories"), r"missing or non-list key\(s\) \['categories'\]"),
     "unknown_category": (lambda p: _coco_json(p, ["good.jpg"], [{"image_id": 1, "bbox": [1, 1, 2, 2], "category_id": 7}]),
-                         "annotation id 2 has category id 7, which is not in 'categories'"),
-    "missing_image": (lambda p: _coco_json(p, ["good.jpg", "gone.jpg"]), r"1 of 2 listed images are missing .*gone\.jpg"),
+                         r"annotation id=2 \(image id=1\): category id 7 is not in 'categories'"),
+    "missing_image": (lambda p: _coco_json(p, ["good.jpg", "gone.jpg"]), r"missing_image: image id=2 gone\.jpg: .*gone\.jpg not found"),
 }
 
 
@@ -173,9 +174,11 @@ def test_build_datasets_names_the_broken_json(corpus, tmp_path, case):
     val_json = _coco_json(tmp_path / f"{case}.json", ["good.jpg"])
     make(val_json)
     cfg = _coco_root(corpus, val_json)
-    with pytest.raises(ValueError, match=message) as err:
+    with pytest.raises(DatasetError, match=message) as err:
         build_datasets(cfg)
-    assert "instances_val2017.json" in str(err.value)  # the file is named
+    assert err.value.what.startswith(str(cfg.data.root) + "/annotations/instances_val2017.json: 1 problem(s)")
+    assert err.value.fix.endswith(f"python tools/check_data.py --images {cfg.data.root}/val2017 "
+                                  f"--annotations {cfg.data.root}/annotations/instances_val2017.json")
 
 
 def test_build_datasets_cleans_bad_boxes_and_skips_bad_images(corpus, tmp_path, caplog):
@@ -247,7 +250,7 @@ def test_infer_cli_skips_unreadable_files_and_refuses_a_broken_checkpoint(corpus
     result = _run("infer.py", "--checkpoint", str(broken), str(corpus / "images" / "good.jpg"), "--out", str(tmp_path / "o2"),
                   "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "error: cannot load --checkpoint" in result.stderr and "broken.pth" in result.stderr and "corrupt or truncated" in result.stderr
+    assert f"error: checkpoint {str(broken)!r} is corrupt or truncated" in result.stderr
 
 
 def test_infer_main_refuses_other_unusable_checkpoints(tmp_path, capsys):
@@ -260,11 +263,11 @@ def test_infer_main_refuses_other_unusable_checkpoints(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(image)
     (tmp_path / "zero.pth").write_bytes(b"")
     torch.save({"model": {}}, tmp_path / "partial.pth")
-    for name, reason in (("zero.pth", "corrupt or truncated"), ("missing.pth", "does not exist"),
-                         ("partial.pth", r"lacks \['config', 'label_map'\]")):
+    for name, reason in (("zero.pth", r"is corrupt or truncated \(the file is empty, 0 bytes\) — "),
+                         ("missing.pth", "does not exist — "), ("partial.pth", r"lacks \['config', 'label_map'\] — ")):
         assert infer.main(["--checkpoint", str(tmp_path / name), str(image), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
         err = capsys.readouterr().err
-        assert name in err and "error: cannot load --checkpoint" in err
+        assert err.startswith(f"error: checkpoint {str(tmp_path / name)!r} ") and err.count("\n") == 1
         assert re.search(reason, err), err
     with pytest.raises(CheckpointError):  # the library call itself keeps its typed error
         Detector.from_checkpoint(tmp_path / "zero.pth")

@@ -31,7 +31,7 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.data.train_scales == (64, 96)
     with pytest.raises(ConfigError, match=r"model\.num_queries must be int, got 'many'"):
         load_config("configs/detr_r50.yaml", ["model.num_queries=many"])
-    with pytest.raises(ConfigError, match="must look like"):
+    with pytest.raises(ConfigError, match="has no '=' — write overrides as section.key=value"):
         load_config("configs/detr_r50.yaml", ["model.num_queries"])
 
 

@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="official .pth, Hugging Face folder / .safetensors / .bin")
     parser.add_argument("--out", required=True, help="the detr_kit checkpoint to write (.pth)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--config", default=None, help="base config (default: configs/*.yaml matching the variant)")
     parser.add_argument(
         "--dilation",
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="DC5 backbone (the weights cannot tell); default: the checkpoint's args, else 'dc5' in the file name",
     )
     parser.add_argument("--trusted", action="store_true", help="allow arbitrary pickled objects in the source")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     return parser.parse_args(argv)
 
 
@@ -66,22 +68,34 @@ def label_map_for(num_classes: int, hf_config: dict | None):
     return LabelMap(tuple(range(num_classes)), tuple(f"class_{i}" for i in range(num_classes)))
 
 
-def verify(cfg, state_dict) -> None:
-    """Load the weights strictly into the model the config builds (on the meta device: no memory, no time)."""
+def verify(cfg, state_dict, config_name: str) -> None:
+    """Load the weights strictly into the model the config builds (on the meta device: no memory, no time).
+
+    Raises:
+        CheckpointError: the weights do not fit that model.
+    """
     import torch
 
     from detr_kit.build import build_model
+    from detr_kit.errors import CheckpointError
 
     with torch.device("meta"):
         model = build_model(cfg)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as err:
+        first = (str(err).splitlines()[1:2] or [str(err)])[0].strip()[:160]
+        raise CheckpointError(f"the converted weights do not fit the model {config_name} builds ({first})",
+                              "pass the matching config with --config, or leave --config out") from err
 
 
 def convert(source: str, out: str, config: str | None = None, dilation: bool | None = None, trusted: bool = False) -> Path:
     """Convert ``source`` and write the detr_kit checkpoint ``out``; returns its path.
 
     Raises:
-        FileNotFoundError, ValueError: unreadable source, unknown keys, or weights that do not fit the config.
+        CheckpointError: unreadable source, a detr_kit checkpoint already, keys no conversion rule knows, or
+            weights that do not fit the config.
+        ConfigError: an invalid --config.
     """
     from detr_kit.compat import (
         checkpoint_state_dict,
@@ -94,23 +108,30 @@ def convert(source: str, out: str, config: str | None = None, dilation: bool | N
     )
     from detr_kit.config import load_config
     from detr_kit.engine.checkpoint import save_checkpoint
+    from detr_kit.errors import CheckpointError
 
     checkpoint = read_checkpoint(source, trusted=trusted)
     fmt = detect_checkpoint_format(checkpoint)
     if fmt == "detr_kit":
-        raise ValueError(f"{source} already is a detr_kit checkpoint (or has no official / Hugging Face keys)")
+        raise CheckpointError(f"{source} already is a detr_kit checkpoint (or has no official / Hugging Face keys)",
+                              "use it as it is with tools/eval.py, tools/infer.py or train.init_from")
     if dilation is None and "dc5" in Path(source).name.lower():
         dilation = True
     hf_config = read_hf_config(source) if fmt == "hf" else None
-    if fmt == "hf":
-        if dilation is not None:
-            hf_config = {**(hf_config or {}), "dilation": dilation}
-        overrides = detect_hf_variant(checkpoint, hf_config)
-    else:
-        overrides = detect_official_variant(checkpoint, dilation=dilation)
-    _, state_dict = checkpoint_state_dict(checkpoint)
-    cfg = load_config(config or default_config(overrides), overrides_to_strings(overrides))
-    verify(cfg, state_dict)
+    if fmt == "hf" and dilation is not None:
+        hf_config = {**(hf_config or {}), "dilation": dilation}
+    try:
+        if fmt == "hf":
+            overrides = detect_hf_variant(checkpoint, hf_config)
+        else:
+            overrides = detect_official_variant(checkpoint, dilation=dilation)
+        _, state_dict = checkpoint_state_dict(checkpoint)
+    except ValueError as err:  # the compat converters name the key no rule knows
+        raise CheckpointError(f"{source}: {err}", "convert official DETR / Deformable-DETR or Hugging Face "
+                              "DetrForObjectDetection / DeformableDetrForObjectDetection checkpoints") from err
+    config_path = config or default_config(overrides)
+    cfg = load_config(config_path, overrides_to_strings(overrides))
+    verify(cfg, state_dict, str(config_path))
     label_map = label_map_for(int(overrides["model.num_classes"]), hf_config)
     state = {
         "model": {k: v.contiguous() for k, v in state_dict.items()},
@@ -125,11 +146,20 @@ def convert(source: str, out: str, config: str | None = None, dilation: bool | N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        path = convert(args.source, args.out, args.config, args.dilation, args.trusted)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"convert: {err}", file=sys.stderr)
-        return 1
+    from detr_kit.errors import run_tool
+
+    return run_tool(lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
+    from detr_kit.engine.outputs import check_output_file
+
+    check_output_file(args.out, "--out", args.overwrite, inputs=[args.source])  # before reading the source
+    if args.config:
+        from detr_kit.config import load_config
+
+        load_config(args.config)  # a bad --config fails now, not after reading the source
+    path = convert(args.source, args.out, args.config, args.dilation, args.trusted)
     print(f"wrote {path}")
     return 0
 

@@ -8,6 +8,8 @@ width are dynamic when the model traces that way (DETR), else fixed at --image-s
 After export, the file is run (onnxruntime, or torch.jit.load) on the same random images as the PyTorch
 model at two input sizes (one when H and W are fixed) and batch sizes 1 and 2; the tool exits 1 unless the
 largest absolute differences stay within the tolerances (boxes 1e-4, logits 1e-3), and prints them either way.
+An existing --out is never replaced without --overwrite (nor the checkpoint itself); the file is written beside
+it under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -203,33 +205,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="a detr_kit checkpoint (.pth)")
     parser.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     parser.add_argument("--out", default=None, help="output file (default: the checkpoint path with .onnx / .pt)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 16 (default 17)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(800, 1066), metavar=("H", "W"),
                         help="example input size used for tracing (default 800 1066)")
     parser.add_argument("--static-size", action="store_true",
                         help="fix H and W at --image-size (default: dynamic when the model traces that way)")
     parser.add_argument("--use-ema", action="store_true", help="export the checkpoint's EMA weights")
-    return parser.parse_args(argv)
+    parser.add_argument("--trusted", action="store_true", help="allow pickled code in --checkpoint (trusted files only)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
+    args = parser.parse_args(argv)
+    if args.format == "onnx" and args.opset < 16:
+        parser.error(f"--opset {args.opset} is invalid; allowed: >= 16 (grid_sample, used by deformable attention)")
+    if min(args.image_size) < 32:
+        parser.error(f"--image-size {args.image_size[0]} {args.image_size[1]} is invalid; allowed: both sides >= 32")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.format == "onnx" and args.opset < 16:
-        print(f"error: --opset {args.opset} is invalid; allowed: >= 16 (grid_sample, used by deformable attention)",
-              file=sys.stderr)
-        return 2
+    from detr_kit.errors import run_tool
+
+    return run_tool(lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
+    from detr_kit.engine.outputs import atomic_output, check_output_file
     from detr_kit.inference import Detector
 
-    detector = Detector.from_checkpoint(args.checkpoint, device="cpu", use_ema=args.use_ema)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt")
-    try:
+    check_output_file(out, "--out", args.overwrite, inputs=[args.checkpoint])  # before the model loads
+    detector = Detector.from_checkpoint(args.checkpoint, device="cpu", use_ema=args.use_ema, trusted=args.trusted)
+    with atomic_output(out) as tmp:  # verified at the temporary path, then renamed into place
         if args.static_size:
-            rows, dynamic = export_and_verify(detector.model, out, args.format, args.image_size, args.opset, False), False
+            rows, dynamic = export_and_verify(detector.model, tmp, args.format, args.image_size, args.opset, False), False
         else:
-            rows, dynamic = export_verified(detector.model, out, args.format, args.image_size, args.opset)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            rows, dynamic = export_verified(detector.model, tmp, args.format, args.image_size, args.opset)
     height, width = args.image_size
     shape = "[B, 3, H, W] (dynamic B, H, W)" if dynamic else f"[B, 3, {height}, {width}] (dynamic B; H, W fixed)"
     print(f"exported {args.format} to {out}; input images {shape}")
@@ -241,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['batch']}x3x{row['size'][0]}x{row['size'][1]}: max |diff| logits {row['logits']:.3g} "
               f"(tol {LOGIT_TOLERANCE:g}), boxes {row['boxes']:.3g} (tol {BOX_TOLERANCE:g})  {status}")
     if not all(row["ok"] for row in rows):
-        print("error: the exported model does not match PyTorch within tolerance", file=sys.stderr)
+        print("error: the exported model does not match PyTorch within tolerance — report it with the lines above "
+              f"(the file {out} is kept for inspection)", file=sys.stderr)
         return 1
     return 0
 

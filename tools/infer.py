@@ -8,7 +8,9 @@ annotated copy is written to --out, and all detections go to --out/detections.js
 name's stem when it is a number (COCO's 000000000009.jpg -> 9), else a running index above the numeric ones.
 
 Unreadable inputs are reported by name and skipped; the exit code is 0 with a warning count unless nothing
-could be processed (exit 1). Existing outputs are never overwritten without --overwrite (exit 2).
+could be processed (exit 1). --out must be a new, empty or detr_kit-made folder, and existing outputs in it are
+never overwritten without --overwrite (exit 2); an input is never overwritten. A bad checkpoint or output folder
+is one line ``error: <what> — <fix>`` (--debug shows the traceback).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    parser.add_argument("--trusted", action="store_true", help="allow pickled code in --checkpoint (trusted files only)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold {args.threshold} is invalid; allowed: a score in [0, 1]")
@@ -96,37 +99,57 @@ def image_ids(files: list[Path]) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from detr_kit.errors import run_tool
+
+    return run_tool(lambda: run(args), debug=args.debug)
+
+
+def check_outputs(out: Path, names: list[str], inputs: list[Path], overwrite: bool) -> None:
+    """Refuse a --out folder detr_kit may not write into, and outputs that would replace an input (always) or an
+    earlier output (unless ``overwrite``). Creates nothing.
+
+    Raises:
+        OutputError: naming the folder or files and the flag to change.
+    """
+    from detr_kit.engine.outputs import check_output_folder
+    from detr_kit.errors import OutputError
+
+    targets = [out / n for n in names] + [out / "detections.json"]
+    clashes = sorted({str(t) for t in targets if t.resolve() in set(inputs)})
+    if clashes:
+        raise OutputError(f"--out {out} would overwrite the input(s) {', '.join(clashes[:5])}",
+                          "choose another --out than the folder the images come from")
+    check_output_folder(out, "--out")
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise OutputError(f"refusing to overwrite existing output(s) {shown}",
+                          "pass --overwrite to replace them, or choose another --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from detr_kit.engine.outputs import atomic_output, claim_output_folder
+    from detr_kit.errors import DetrKitError
+
     files, warnings = expand_inputs(args.inputs)
     for message in warnings:
         print(f"warning: {message}", file=sys.stderr)
     if not files:
-        print("error: no input files found; nothing to do", file=sys.stderr)
-        return 1
+        raise DetrKitError(f"no image files found in {', '.join(args.inputs)}", "give image files, folders or glob patterns")
 
     out = Path(args.out)
     names = output_names(files)
-    targets = [out / n for n in names] + [out / "detections.json"]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not args.overwrite:
-        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
-        print(f"error: refusing to overwrite existing output(s) {shown}; pass --overwrite or choose another --out",
-              file=sys.stderr)
-        return 2
+    check_outputs(out, names, files, args.overwrite)
 
     from tqdm import tqdm
 
     from detr_kit.inference import Detector, ImageReadError, read_image
     from detr_kit.visualize import draw_detections
 
-    from detr_kit.engine.checkpoint import CheckpointError
-
-    try:
-        detector = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold)
-    except (FileNotFoundError, CheckpointError, ValueError) as err:  # ValueError includes ConfigError
-        print(f"error: cannot load --checkpoint: {err}", file=sys.stderr)
-        return 1
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold,
+                                        trusted=args.trusted)
+    claim_output_folder(out, "--out", "tools/infer.py")
     category_ids = detector.label_map.category_ids
-    out.mkdir(parents=True, exist_ok=True)
     ids = image_ids(files)
     results: list[dict] = []
     processed = 0
@@ -138,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         detections = detector.detect_arrays([item[3] for item in pending])
         for (image_id, path, name, array), det in zip(pending, detections):
-            draw_detections(array, det).save(out / name, quality=95)
+            with atomic_output(out / name) as tmp:
+                draw_detections(array, det).save(tmp, format="PNG" if name.endswith(".png") else "JPEG", quality=95)
             for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
                 x1, y1, x2, y2 = box
                 results.append({"image_id": image_id, "file_name": path.name, "category_id": int(category_ids[label]),
@@ -158,13 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             flush()
     flush()
 
-    tmp = out / f".detections.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(results))
-    tmp.replace(out / "detections.json")
+    with atomic_output(out / "detections.json") as tmp:
+        tmp.write_text(json.dumps(results))
     print(f"{processed} image(s) processed, {len(results)} detection(s) written to {out}; {len(warnings)} warning(s)")
     if processed == 0:
-        print("error: no input could be processed", file=sys.stderr)
-        return 1
+        raise DetrKitError("no input could be processed (each is named above)", "give readable image files")
     return 0
 
 

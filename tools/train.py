@@ -6,8 +6,10 @@
     torchrun --nproc_per_node 2 tools/train.py configs/quickstart.yaml     # distributed (gloo on CPU, NCCL on GPU)
 
 The run folder (default runs/<config stem>, or train.output_dir) receives config.yaml, last.pth, best.pth,
-metrics.jsonl, plots/, vis/ and tensorboard/. SIGTERM or Ctrl-C finishes the current step, writes last.pth
-and exits 0; --resume continues from that step.
+metrics.jsonl, eval/, plots/, vis/ and tensorboard/; it must be new, empty or a run folder detr_kit made (a
+folder holding other files is refused, see detr_kit/engine/outputs.py). SIGTERM or Ctrl-C finishes the current
+step, writes last.pth and exits 0; --resume continues from that step. A bad config, dataset, checkpoint or
+output folder is reported as one line ``error: <what> — <fix>`` (exit 1 or 2; --debug shows the traceback).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="continue a run: from PATH, or without PATH from <output dir>/last.pth if it exists")
     parser.add_argument("--output-dir", default=None, help="run folder (default: train.output_dir or runs/<config stem>)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = parser.parse_intermixed_args(argv)
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
         # "--resume a.b=c": the override was taken for the optional PATH
@@ -35,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from detr_kit.errors import run_tool
+
+    return run_tool(lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
     from detr_kit.config import load_config
     from detr_kit.engine.trainer import default_output_dir, train
 

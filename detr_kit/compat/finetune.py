@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from detr_kit.compat.hf import convert_hf_checkpoint, is_hf_state_dict
 from detr_kit.compat.official import convert_official_checkpoint, unwrap_checkpoint
+from detr_kit.engine.checkpoint import refused_load_error
+from detr_kit.errors import CheckpointError
 from detr_kit.models.heads import focal_prior_bias
 
 CheckpointFormat = Literal["detr_kit", "official", "hf"]
@@ -76,8 +78,9 @@ def read_checkpoint(source: str | Path | Mapping[str, Any], trusted: bool = Fals
             Without it, only tensors, plain values and argparse Namespaces (the official ``args``) load.
 
     Raises:
-        FileNotFoundError: the path or a usable file in the folder does not exist.
-        ValueError: the file cannot be read safely (with the option that would read it).
+        CheckpointError: the path or a usable file in the folder does not exist, the file is broken, or it
+            holds something else than a dict.
+        PickledCodeError: the file holds pickled code and ``trusted`` is False.
     """
     if isinstance(source, Mapping):
         return source
@@ -85,26 +88,26 @@ def read_checkpoint(source: str | Path | Mapping[str, Any], trusted: bool = Fals
     if path.is_dir():
         found = next((path / name for name in _FOLDER_FILES if (path / name).is_file()), None)
         if found is None:
-            raise FileNotFoundError(
-                f"{path} holds none of {', '.join(_FOLDER_FILES)}; pass the checkpoint file itself"
-            )
+            raise CheckpointError(f"checkpoint folder {str(path)!r} holds none of {', '.join(_FOLDER_FILES)}",
+                                  "pass the checkpoint file itself")
         path = found
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist", "give the path of a checkpoint file or folder")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own error types for broken files
+            raise refused_load_error(path, err) from err
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as err:  # unpickling errors have many types
-        raise ValueError(
-            f"cannot read {str(path)!r} safely ({type(err).__name__}: {str(err)[:300]}); if you trust the file, "
-            "read it with trusted=True"
-        ) from err
+        raise refused_load_error(path, err) from err
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, expected a dict / state dict")
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a dict",
+                              "give a state dict or a checkpoint dict")
     return checkpoint
 
 
@@ -205,10 +208,16 @@ def load_pretrained(
         PretrainedLoadReport listing loaded, re-initialised, missing, unexpected and mismatched keys.
 
     Raises:
-        FileNotFoundError, ValueError: unreadable sources, or keys no conversion rule knows.
+        CheckpointError: an unreadable source, or keys no conversion rule knows.
+        PickledCodeError: the file holds pickled code and ``trusted`` is False.
     """
     target = _unwrap_model(model)
-    fmt, state_dict = checkpoint_state_dict(read_checkpoint(source, trusted=trusted))
+    checkpoint = read_checkpoint(source, trusted=trusted)
+    try:
+        fmt, state_dict = checkpoint_state_dict(checkpoint)
+    except ValueError as err:  # the converters name the key no rule knows
+        raise CheckpointError(f"{source if not isinstance(source, Mapping) else 'the checkpoint'}: {err}",
+                              "give a detr_kit, official DETR / Deformable-DETR or Hugging Face checkpoint") from err
     own = target.state_dict()
     usable: dict[str, Tensor] = {}
     unexpected: list[str] = []

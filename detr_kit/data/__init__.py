@@ -1,32 +1,37 @@
-"""The data layer: COCO datasets, albumentations transforms, padding collate, samplers, synthetic shapes."""
+"""The data layer: COCO datasets, albumentations transforms, padding collate, samplers, synthetic shapes.
 
-from detr_kit.data.coco import BAD_IMAGE_ERRORS, BadImageError, CocoDetection, load_coco_json, load_rgb_image
-from detr_kit.data.collate import collate
-from detr_kit.data.samplers import GroupedBatchSampler, aspect_ratio_groups
-from detr_kit.data.synthetic import generate_shapes_dataset
-from detr_kit.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    boxes_to_original,
-    eval_transforms,
-    resized_shape,
-    train_transforms,
-)
+The names are imported on first use, so that ``detr_kit.data.doctor`` imports without torch.
+"""
 
-__all__ = [
-    "BAD_IMAGE_ERRORS",
-    "BadImageError",
-    "CocoDetection",
-    "GroupedBatchSampler",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "aspect_ratio_groups",
-    "boxes_to_original",
-    "collate",
-    "eval_transforms",
-    "generate_shapes_dataset",
-    "load_coco_json",
-    "load_rgb_image",
-    "resized_shape",
-    "train_transforms",
-]
+from importlib import import_module
+
+_PUBLIC = {
+    "BAD_IMAGE_ERRORS": "detr_kit.data.coco",
+    "BadImageError": "detr_kit.data.coco",
+    "CocoDetection": "detr_kit.data.coco",
+    "load_coco_json": "detr_kit.data.coco",
+    "load_rgb_image": "detr_kit.data.coco",
+    "collate": "detr_kit.data.collate",
+    "GroupedBatchSampler": "detr_kit.data.samplers",
+    "aspect_ratio_groups": "detr_kit.data.samplers",
+    "generate_shapes_dataset": "detr_kit.data.synthetic",
+    "IMAGENET_MEAN": "detr_kit.data.transforms",
+    "IMAGENET_STD": "detr_kit.data.transforms",
+    "boxes_to_original": "detr_kit.data.transforms",
+    "eval_transforms": "detr_kit.data.transforms",
+    "resized_shape": "detr_kit.data.transforms",
+    "train_transforms": "detr_kit.data.transforms",
+}
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'detr_kit.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
+
+__all__ = sorted(_PUBLIC)

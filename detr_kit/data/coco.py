@@ -27,7 +27,9 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from detr_kit.data.doctor import load_checked_coco
 from detr_kit.data.transforms import eval_transforms
+from detr_kit.errors import DatasetError
 from detr_kit.structures import LabelMap, Target
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,7 @@ BAD_IMAGE_ERRORS: tuple[type[BaseException], ...] = (
     Image.DecompressionBombError,
 )
 
-REQUIRED_KEYS = ("images", "annotations", "categories")
-MAX_LISTED = 20  # file names listed in one error message
+MAX_LISTED = 20  # category ids listed in one error message
 
 
 def _remove_quietly(path: Path) -> None:
@@ -97,65 +98,14 @@ def pil_to_rgb_array(image: Image.Image) -> np.ndarray:
 
 
 def load_coco_json(annotation_file: str | os.PathLike) -> dict:
-    """Read and validate a COCO detection json.
+    """Read and validate a COCO detection json: every record-level problem at once (``data/doctor.py``).
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: not JSON (e.g. truncated), not a COCO object, missing ``images``/``annotations``/
-            ``categories``, malformed records, duplicated ids, an annotation naming an unknown image
-            or category (the message names the annotation id and the category id).
+        DatasetError: the file is missing or not JSON (e.g. truncated), not a COCO object, or holds malformed
+            records, duplicated ids, or annotations naming an unknown image or category; the message lists
+            every such problem and the doctor command that explains them.
     """
-    path = Path(annotation_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file not found")
-    try:
-        data = json.loads(path.read_bytes())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {err.msg} at line {err.lineno}, column {err.colno}") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON (not UTF-8 text): {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a COCO annotation file: expected a JSON object with keys {list(REQUIRED_KEYS)}, got a {type(data).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in data]
-    if missing:
-        raise ValueError(f"{path}: not a COCO annotation file: missing key(s) {missing} (a COCO detection json has {list(REQUIRED_KEYS)})")
-    for key in REQUIRED_KEYS:
-        if not isinstance(data[key], list):
-            raise ValueError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
-
-    def need(records: list, kind: str, fields: tuple[str, ...]) -> None:
-        for i, rec in enumerate(records):
-            if not isinstance(rec, dict) or any(f not in rec for f in fields):
-                absent = [f for f in fields if not isinstance(rec, dict) or f not in rec]
-                raise ValueError(f"{path}: {kind}[{i}] lacks {absent} (every entry needs {list(fields)}): {str(rec)[:200]}")
-
-    need(data["images"], "images", ("id", "file_name", "width", "height"))
-    need(data["annotations"], "annotations", ("id", "image_id", "category_id", "bbox"))
-    need(data["categories"], "categories", ("id", "name"))
-
-    for kind in REQUIRED_KEYS:
-        ids = [rec["id"] for rec in data[kind]]
-        if len(set(ids)) != len(ids):
-            seen: set = set()
-            dups = sorted({i for i in ids if i in seen or seen.add(i)}, key=str)
-            raise ValueError(f"{path}: duplicated {kind} ids {dups[:MAX_LISTED]} ({len(dups)} in all); ids must be unique")
-    for img in data["images"]:
-        if not (isinstance(img["width"], int) and isinstance(img["height"], int) and img["width"] > 0 and img["height"] > 0):
-            raise ValueError(f"{path}: image id {img['id']} ({img['file_name']}) has invalid size width={img['width']!r} height={img['height']!r}")
-    image_ids = {img["id"] for img in data["images"]}
-    category_ids = {cat["id"] for cat in data["categories"]}
-    for ann in data["annotations"]:
-        if ann["category_id"] not in category_ids:
-            raise ValueError(
-                f"{path}: annotation id {ann['id']} has category id {ann['category_id']}, which is not in 'categories' "
-                f"(known ids: {sorted(category_ids)[:MAX_LISTED]}{' ...' if len(category_ids) > MAX_LISTED else ''})"
-            )
-        if ann["image_id"] not in image_ids:
-            raise ValueError(f"{path}: annotation id {ann['id']} refers to image id {ann['image_id']}, which is not in 'images'")
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) or v is None for v in bbox)):
-            raise ValueError(f"{path}: annotation id {ann['id']} has bbox {bbox!r}; expected [x, y, width, height] numbers")
-    return data
+    return load_checked_coco(None, annotation_file)
 
 
 def coco_from_dict(data: dict) -> COCO:
@@ -165,15 +115,6 @@ def coco_from_dict(data: dict) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def find_missing_images(image_dir: Path, file_names: list[str]) -> list[str]:
-    """The file names that do not exist under ``image_dir`` (one directory listing, then stats for the rest)."""
-    try:
-        present = set(os.listdir(image_dir))
-    except OSError:
-        present = set()
-    return [name for name in file_names if name not in present and not (image_dir / name).is_file()]
 
 
 # --------------------------------------------------------------------------------------------------- boxes
@@ -239,9 +180,9 @@ class CocoDetection(Dataset):
             ``bad_images``); "error" raises ``BadImageError`` naming the file.
 
     Raises:
-        FileNotFoundError: the annotation file or the image folder does not exist.
-        ValueError: an invalid json (see ``load_coco_json``), images listed in the json but missing on
-            disk (all of them in one message), or a category the given label map does not know.
+        DatasetError: the annotation file or the image folder does not exist, the json is invalid, images
+            listed in it are missing on disk (every problem in one message, see ``data/doctor.py``), or a
+            category is not in the given label map.
     """
 
     def __init__(
@@ -267,26 +208,17 @@ class CocoDetection(Dataset):
         weakref.finalize(self, _remove_quietly, self._bad_log)
         self.size_mismatches: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # path -> (json hw, file hw)
 
-        data = load_coco_json(self.annotation_file)
-        if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"{self.image_dir}: image folder not found (images of {self.annotation_file})")
-        missing = find_missing_images(self.image_dir, [str(img["file_name"]) for img in data["images"]])
-        if missing:
-            listed = ", ".join(missing[:MAX_LISTED])
-            more = f" and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
-            raise ValueError(
-                f"{self.annotation_file}: {len(missing)} of {len(data['images'])} listed images are missing under "
-                f"{self.image_dir}: {listed}{more}"
-            )
+        data = load_checked_coco(self.image_dir, self.annotation_file)
         self.label_map = label_map if label_map is not None else LabelMap.from_coco_categories(data["categories"])
         category_to_label = self.label_map.category_to_label
         used = {ann["category_id"] for ann in data["annotations"]}
         unknown = sorted(used - set(category_to_label))
         if unknown:
             names = {c["id"]: c["name"] for c in data["categories"]}
-            raise ValueError(
+            raise DatasetError(
                 f"{self.annotation_file}: category ids {[(i, names[i]) for i in unknown]} are not in the given label map "
-                f"(ids {list(self.label_map.category_ids)[:MAX_LISTED]}...); use the label map this dataset was trained with"
+                f"(ids {list(self.label_map.category_ids)[:MAX_LISTED]}...)",
+                "evaluate on data with the checkpoint's categories, or fine-tune on these with train.init_from",
             )
         self.coco = coco_from_dict(data)
         self.box_counts: dict[str, int] = {}
@@ -404,7 +336,6 @@ __all__ = [
     "CocoDetection",
     "clean_boxes",
     "coco_from_dict",
-    "find_missing_images",
     "load_coco_json",
     "load_rgb_image",
     "pil_to_rgb_array",

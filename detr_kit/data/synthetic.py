@@ -12,9 +12,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from detr_kit.errors import DatasetError
 
 CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"})
 _PALETTES = {  # RGB colour families per category id, jittered per shape
@@ -23,6 +26,7 @@ _PALETTES = {  # RGB colour families per category id, jittered per shape
     3: ((50, 90, 240), (165, 60, 230)),
 }
 _MAX_OVERLAP = 0.3  # shapes may overlap, but never hide one another
+MARKER = ".detr_kit_synthetic"  # what makes a folder this generator's: its arguments and the files it wrote
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -130,6 +134,28 @@ def synthetic_params(num_train: int, num_val: int, image_size: int, min_objects:
     }
 
 
+def dataset_params(root: str | os.PathLike) -> dict | None:
+    """The generator arguments of the shapes dataset at ``root`` if this generator made it, else None.
+
+    A dataset made here holds the marker ``.detr_kit_synthetic`` (its arguments and files); one made before the
+    marker existed is recognised when it holds exactly the files its two jsons list, and nothing else.
+    """
+    marker = _read_marker(Path(root))
+    return marker["params"] if marker is not None else None
+
+
+def folder_state(root: str | os.PathLike) -> Literal["missing", "empty", "ours", "foreign"]:
+    """What is at ``root``: nothing, an empty folder, a dataset this generator made, or anything else."""
+    root = Path(root)
+    if not root.exists():
+        return "missing"
+    if not root.is_dir():
+        return "foreign"
+    if not any(root.iterdir()):
+        return "empty"
+    return "ours" if _read_marker(root) is not None else "foreign"
+
+
 def generate_shapes_dataset(
     root: str | os.PathLike,
     num_train: int = 512,
@@ -141,9 +167,11 @@ def generate_shapes_dataset(
 ) -> Path:
     """Write the shapes dataset: root/{train,val}/*.png and root/annotations/instances_{train,val}.json.
 
-    Deterministic for a seed (byte-identical files). Written into a temporary folder beside ``root``
-    and renamed into place, so an interrupted run never leaves half a dataset; an existing ``root``
-    is replaced.
+    Deterministic for a seed (byte-identical files). ``root`` must be missing, empty, or a dataset this
+    generator made (see :func:`folder_state`); anything else is refused, so a user's folder is never touched.
+    The dataset is written into a temporary folder beside ``root`` and renamed into place, so an interrupted run
+    never leaves half a dataset; over an older dataset of this generator only its own files are replaced (files
+    someone added survive), and the marker is written last.
 
     Args:
         root: output folder.
@@ -153,6 +181,8 @@ def generate_shapes_dataset(
         seed: random seed.
     Returns:
         ``root`` as a Path.
+    Raises:
+        DatasetError: ``root`` holds files this generator did not write.
     """
     if num_train < 1 or num_val < 0:
         raise ValueError(f"need num_train >= 1 and num_val >= 0, got num_train={num_train}, num_val={num_val}")
@@ -162,26 +192,79 @@ def generate_shapes_dataset(
         raise ValueError(f"need 0 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     params = synthetic_params(num_train, num_val, image_size, min_objects, max_objects, seed)
     root = Path(root)
+    state = folder_state(root)
+    if state == "foreign":
+        raise DatasetError(f"{root} holds files the shapes generator did not write",
+                           "pass a new or empty folder (or one that holds a shapes dataset)")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
     try:
         (tmp / "annotations").mkdir()
+        files = []
         for split, code, count in (("train", 0, num_train), ("val", 1, num_val)):
             data = _write_split(tmp, split, code, count, image_size, min_objects, max_objects, seed, params)
             (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(data, indent=1, sort_keys=True))
-        if root.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            old.rmdir()
-            root.rename(old)
-            tmp.rename(root)
-            shutil.rmtree(old, ignore_errors=True)
+            files += [f"{split}/{img['file_name']}" for img in data["images"]] + [f"annotations/instances_{split}.json"]
+        _write_marker(tmp, params, files)  # last: a folder with the marker is complete
+        if state == "ours":
+            _replace_own_files(root, tmp, files)
         else:
-            tmp.rename(root)
-    except BaseException:
+            tmp.rename(root)  # over a missing or empty folder; fails if another process filled it meanwhile
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 
-__all__ = ["CATEGORIES", "generate_shapes_dataset", "synthetic_params"]
+def _write_marker(root: Path, params: dict | None, files: list[str]) -> None:
+    """Write ``root/.detr_kit_synthetic`` atomically: the generator arguments (None while incomplete) and files."""
+    tmp = root / f"{MARKER}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({"params": params, "files": sorted(files)}, indent=1))
+    tmp.replace(root / MARKER)
+
+
+def _read_marker(root: Path) -> dict | None:
+    """``{"params", "files"}`` of a dataset this generator made (marker, or a complete older dataset), else None."""
+    try:
+        marker = json.loads((root / MARKER).read_text())
+        if isinstance(marker, dict) and isinstance(marker.get("files"), list):
+            return marker
+        return {"params": None, "files": []}  # a damaged marker: ours, stale, no file known to be ours
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        return {"params": None, "files": []}
+    return _recognise_unmarked(root)
+
+
+def _recognise_unmarked(root: Path) -> dict | None:
+    """A dataset of this generator from before the marker: exactly the files its jsons list, nothing else."""
+    files, params = [], None
+    try:
+        for split in ("val", "train"):  # the smaller json first: a user's COCO layout fails the test on it
+            data = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+            params = data["info"]["detr_kit_synthetic"]
+            files += [f"{split}/{img['file_name']}" for img in data["images"]] + [f"annotations/instances_{split}.json"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()}
+    return {"params": params, "files": files} if present == set(files) else None
+
+
+def _replace_own_files(root: Path, new: Path, new_files: list[str]) -> None:
+    """Move the dataset at ``new`` over the one this generator made at ``root``, touching only its own files."""
+    old_files = set((_read_marker(root) or {"files": []})["files"])
+    clashes = [name for name in new_files if name not in old_files and (root / name).exists()]
+    if clashes:
+        raise DatasetError(f"{root} holds {clashes[0]}, which the shapes generator did not write",
+                           "move that file away, or pass a new or empty folder")
+    _write_marker(root, None, sorted(old_files | set(new_files)))  # an interruption from here on leaves it stale
+    for name in new_files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(new / name, root / name)
+    for name in old_files - set(new_files):
+        (root / name).unlink(missing_ok=True)
+    os.replace(new / MARKER, root / MARKER)
+
+
+__all__ = ["CATEGORIES", "MARKER", "dataset_params", "folder_state", "generate_shapes_dataset", "synthetic_params"]

@@ -27,6 +27,8 @@ from albumentations.augmentations.crops.transforms import BaseCrop
 from albumentations.pytorch import ToTensorV2
 from torch import Tensor
 
+from detr_kit.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -152,30 +154,30 @@ def build_extra_transform(name: str, kwargs: Mapping[str, Any] | None = None) ->
     """An albumentations transform by class name, checked to be safe for boxes.
 
     Raises:
-        ValueError: for an unknown name (the message gives the closest albumentations name), bad
+        ConfigError: for an unknown name (the message gives the closest albumentations name), bad
             kwargs, or a spatial transform that cannot move bounding boxes.
     """
     names = _albumentations_transform_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
-        hint = f"; did you mean {close[0]!r}?" if close else "; see https://albumentations.ai/docs/ for the list"
-        raise ValueError(f"data.extra_transforms: unknown albumentations transform {name!r}{hint}")
+        hint = f"did you mean {close[0]!r}?" if close else "see https://albumentations.ai/docs/ for the list"
+        raise ConfigError(f"data.extra_transforms: unknown albumentations transform {name!r}", hint)
     cls = getattr(A, name)
     kwargs = dict(kwargs or {})
     parameters = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         valid = sorted(k for k in parameters if k != "self")
         if unknown := sorted(set(kwargs) - set(valid)):
-            raise ValueError(f"data.extra_transforms: {name} has no argument(s) {unknown}; valid: {valid}")
+            raise ConfigError(f"data.extra_transforms: {name} has no argument(s) {unknown}", f"valid: {valid}")
     try:
         transform = cls(**kwargs)
     except Exception as err:  # albumentations validates kwargs with pydantic; re-raise with the name
-        raise ValueError(f"data.extra_transforms: {name}(**{kwargs}) is invalid: {err}") from None
+        problem = " ".join(str(err).split())[:300]
+        raise ConfigError(f"data.extra_transforms: {name}(**{kwargs}) is invalid ({problem})",
+                          "fix its kwargs (see the albumentations docs)") from None
     if isinstance(transform, A.DualTransform) and "bboxes" not in transform.targets:
-        raise ValueError(
-            f"data.extra_transforms: {name} moves pixels but cannot move bounding boxes; "
-            "use a pixel-level transform or a box-aware spatial one"
-        )
+        raise ConfigError(f"data.extra_transforms: {name} moves pixels but cannot move bounding boxes",
+                          "use a pixel-level transform or a box-aware spatial one")
     return transform
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,31 +19,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from detr_kit.engine.outputs import why_unwritable
+from detr_kit.errors import CheckpointError, PickledCodeError
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the file and the cause."""
-
-
-def check_writable(folder: str | Path) -> Path:
-    """Create ``folder`` if needed and prove that files can be written in it.
-
-    Called at start-up so that a run fails in its first second instead of after its first epoch.
-
-    Raises:
-        CheckpointError: when the folder cannot be created or written to.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", delete=True) as handle:
-            handle.write(b"ok")
-            handle.flush()
-    except OSError as err:
-        raise CheckpointError(
-            f"output folder {str(folder)!r} is not writable ({err.strerror or err}); "
-            "choose another with --output-dir or train.output_dir"
-        ) from err
-    return folder
+TRUST_HINT = "refused for safety; pass --trusted if you trust its source"
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
@@ -61,7 +41,8 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {err}") from err
+        raise CheckpointError(f"cannot write checkpoint {str(path)!r} ({why_unwritable(folder, err)})",
+                              "choose a writable output folder") from err
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(dict(state), handle)
@@ -75,8 +56,8 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
             pass
         if isinstance(err, Exception):
             raise CheckpointError(
-                f"writing checkpoint {str(path)!r} failed ({type(err).__name__}: {err}); "
-                "the previous file, if any, is intact"
+                f"writing checkpoint {str(path)!r} failed ({type(err).__name__}: {err})",
+                "free disk space or choose another output folder; the previous file, if any, is intact",
             ) from err
         raise
     _fsync_folder(folder)
@@ -120,25 +101,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         path: the ``.pth`` file.
         map_location: where tensors go (default CPU; the trainer moves the model afterwards).
         weights_only: refuse pickled code (safe for files from elsewhere); our checkpoints hold only
-            tensors and plain Python values.
+            tensors and plain Python values. False only for files the user trusts.
 
     Raises:
-        FileNotFoundError: when ``path`` does not exist.
-        CheckpointError: when the file is truncated, corrupt or not a checkpoint dict.
+        CheckpointError: when ``path`` does not exist, or is truncated, corrupt or not a checkpoint dict.
+        PickledCodeError: when the file holds pickled objects that ``weights_only`` refuses.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {str(path)!r} {what}", "give the path of a .pth file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or truncated ({type(err).__name__}: {err}); "
-            "delete it or resume from another file"
-        ) from err
+        raise refused_load_error(path, err) from err
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, expected a dict")
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a dict",
+                              "give a checkpoint written by detr_kit (tools/train.py or tools/convert.py)")
     return state
+
+
+def refused_load_error(path: str | Path, err: Exception) -> CheckpointError:
+    """The error for a ``torch.load`` that failed: pickled code refused by ``weights_only``, or a broken file."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if refused:
+        return PickledCodeError(f"checkpoint {str(path)!r} holds pickled code (GLOBAL {refused.group(1)})", TRUST_HINT)
+    message = " ".join(str(err).split())
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        reason = "the file is empty, 0 bytes"
+    elif message.startswith("Weights only load failed"):  # torch's advice on weights_only does not apply
+        reason = "unreadable pickle data"
+    else:
+        reason = f"{type(err).__name__}: {message.split('. ')[0][:160]}" if message else type(err).__name__
+    return CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({reason})",
+                           "copy it again, or use another checkpoint")
 
 
 # ------------------------------------------------------------------------------------------- RNG state
@@ -192,9 +188,11 @@ def _python_state_from_plain(state: list) -> tuple:
 
 __all__ = [
     "CheckpointError",
+    "PickledCodeError",
+    "TRUST_HINT",
     "capture_rng_state",
-    "check_writable",
     "load_checkpoint",
+    "refused_load_error",
     "remove_stale_temp_files",
     "restore_rng_state",
     "save_checkpoint",

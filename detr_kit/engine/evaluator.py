@@ -22,6 +22,7 @@ from torch import nn
 
 from detr_kit.data.coco import coco_from_dict
 from detr_kit.engine.fast_coco import fast_coco_eval, fast_coco_stats
+from detr_kit.engine.outputs import claim_output_folder
 from detr_kit.engine.step import autocast, outputs_to_float
 from detr_kit.structures import Detections, ImageBatch, LabelMap, Target
 
@@ -152,7 +153,8 @@ class CocoEvaluator:
 
         Args:
             output_dir: when given, rank 0 writes ``metrics.json`` and ``detections.json`` (COCO results
-                format) there, each atomically.
+                format) there, each atomically; the folder must be new, empty or detr_kit's own
+                (``engine/outputs.py``; callers claim it before evaluating, so that a refusal comes first).
             verbose: print the standard 12-line COCO summary and a per-class AP table.
 
         Returns:
@@ -167,7 +169,7 @@ class CocoEvaluator:
         if rank == 0:
             metrics = self._score(verbose)
             if output_dir is not None:
-                out = Path(output_dir)
+                out = claim_output_folder(output_dir, "output_dir", "detr_kit evaluator")
                 _write_json_atomic(self.results, out / "detections.json")
                 _write_json_atomic(metrics, out / "metrics.json")
         if _dist_ready():

@@ -28,9 +28,7 @@ from torch.utils.data import Subset
 from detr_kit.config import Config, save_config
 from detr_kit.engine import distributed as dist_utils
 from detr_kit.engine.checkpoint import (
-    CheckpointError,
     capture_rng_state,
-    check_writable,
     load_checkpoint,
     remove_stale_temp_files,
     restore_rng_state,
@@ -41,11 +39,14 @@ from detr_kit.engine.examples import draw_examples
 from detr_kit.engine.loaders import loader_skipping, seed_everything, set_epoch, shutdown_workers
 from detr_kit.engine.logging import AP_KEYS, MetricsLogger, ProgressBar, Timer
 from detr_kit.engine.optim import build_lr_scheduler, build_optimizer, freeze_untrained
+from detr_kit.engine.outputs import check_output_folder, claim_output_folder
 from detr_kit.engine.signals import StopSignal, shield_workers
 from detr_kit.engine.step import probe_unused_parameters, train_step
+from detr_kit.errors import CheckpointError, PickledCodeError
 from detr_kit.structures import ImageBatch, LabelMap, Target
 
 EMA_WARMUP_STEPS = 2000  # time constant of the EMA decay warm-up, in optimizer steps
+OUTPUT_OPTION = "--output-dir or train.output_dir"  # how a user chooses the run folder
 
 
 # ---------------------------------------------------------------------------------------------- Trainer
@@ -63,8 +64,8 @@ class Trainer:
         dist_info: the process's place in a torchrun group (from ``init_distributed``); None = single process.
 
     Raises:
-        CheckpointError: when ``output_dir`` is not writable, or the resume checkpoint is corrupt.
-        FileNotFoundError: when an explicit resume path does not exist.
+        OutputError: when ``output_dir`` is not writable or holds files detr_kit did not write.
+        CheckpointError: when the resume checkpoint is missing or corrupt.
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class Trainer:
 
         self.cfg = cfg
         t = cfg.train
-        self.output_dir = check_writable(output_dir)
+        self.output_dir = claim_output_folder(output_dir, OUTPUT_OPTION, "tools/train.py")
         if dist_info is None:
             device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
             dist_info = dist_utils.DistributedInfo(device=device)
@@ -89,6 +90,11 @@ class Trainer:
         self.amp = t.amp
         if self.is_main:
             remove_stale_temp_files(self.output_dir)
+        resume_path = self._resume_path(resume)  # a missing or broken file fails now, before the datasets
+        resume_state = self._read_resume_checkpoint(resume_path) if resume_path is not None else None
+        if t.init_from and not Path(t.init_from).exists():
+            raise CheckpointError(f"train.init_from={t.init_from} does not exist",
+                                  "give a detr_kit, official or Hugging Face checkpoint file or folder")
 
         seed_everything(t.seed, t.deterministic)
         self.train_dataset, self.val_dataset = build.build_datasets(cfg)
@@ -102,7 +108,13 @@ class Trainer:
                     f"train.init_from={t.init_from!r} needs detr_kit.compat.load_pretrained, which failed to "
                     f"import ({err}); unset train.init_from or fix the compat package"
                 ) from err
-            load_pretrained(self.model, t.init_from)
+            try:
+                load_pretrained(self.model, t.init_from, trusted=t.init_from_trusted)
+            except PickledCodeError as err:
+                raise PickledCodeError(f"train.init_from: {err.what}", "refused for safety; set "
+                                       "train.init_from_trusted=true if you trust its source") from err
+            except CheckpointError as err:
+                raise CheckpointError(f"train.init_from: {err.what}", err.fix) from err
         self.criterion = build.build_criterion(cfg, num_classes=len(self.label_map)).to(self.device)
         self.postprocessor = build.build_postprocessor(cfg)
         self._build_loaders(build)
@@ -121,9 +133,8 @@ class Trainer:
         self.best_ap = -math.inf
         self.metrics: dict[str, Any] = {}
         self.resumed_from: Path | None = None
-        resume_path = self._resume_path(resume)
-        if resume_path is not None:
-            self._load(resume_path)
+        if resume_state is not None:
+            self._load(resume_path, resume_state)
 
         self.train_model = self.model
         if dist_info.enabled:
@@ -132,6 +143,8 @@ class Trainer:
                 print(f"DDP: {len(unused)} trainable parameters get no gradient (e.g. {unused[:3]}); "
                       "using find_unused_parameters=True")
             self.train_model = dist_utils.wrap_ddp(self.model, self.device, find_unused_parameters=bool(unused))
+        if self.is_main and t.eval_every_epochs > 0:  # tools/eval.py may write there later, as into its own
+            claim_output_folder(self.output_dir / "eval", OUTPUT_OPTION, "tools/train.py")
         self.logger = MetricsLogger(self.output_dir, enabled=self.is_main)
         if self.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
@@ -181,14 +194,25 @@ class Trainer:
             return path
         path = Path(resume)
         if not path.is_file():
-            raise FileNotFoundError(f"resume checkpoint {str(path)!r} does not exist")
+            raise CheckpointError(f"--resume {str(path)!r} does not exist",
+                                  "give the last.pth of a run, or --resume alone for <output dir>/last.pth")
         return path
 
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(path)
+    @staticmethod
+    def _read_resume_checkpoint(path: Path) -> dict[str, Any]:
+        try:
+            state = load_checkpoint(path)
+        except PickledCodeError as err:
+            raise PickledCodeError(err.what, "refused for safety; resume only from checkpoints detr_kit wrote "
+                                   "(train.init_from with train.init_from_trusted=true starts from its weights)") from err
         missing = [k for k in ("model", "optimizer", "epoch", "step") if k not in state]
         if missing:
-            raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed from: it has no {missing}")
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed from: it has no {missing}",
+                                  "resume from a last.pth that tools/train.py wrote, or start from its weights "
+                                  "with train.init_from")
+        return state
+
+    def _load(self, path: Path, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("lr_scheduler") is not None:
@@ -450,7 +474,7 @@ def train(
         :meth:`Trainer.train`'s summary (``stopped`` is True after SIGTERM / SIGINT).
     """
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(cfg)
-    check_writable(output_dir)  # before joining a process group: fail fast and everywhere alike
+    check_output_folder(output_dir, OUTPUT_OPTION)  # before joining a process group: fail fast, everywhere alike
     info = dist_utils.init_distributed(device)
     try:
         trainer = Trainer(cfg, output_dir, resume=resume, dist_info=info)

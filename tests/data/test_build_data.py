@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from detr_kit.build import build_datasets, build_train_loader, build_transforms, build_val_loader
+from detr_kit.errors import DatasetError
 from detr_kit.config import Config
 
 
@@ -33,10 +34,15 @@ def test_synthetic_generated_on_first_use_then_reused(tmp_path):
 
 
 def test_missing_coco_says_where_and_how(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DatasetError) as err:
         build_datasets(Config().replace([f"data.root={tmp_path / 'coco'}"]))
     message = str(err.value)
-    assert "train2017" in message and "cocodataset.org" in message and "data.root=" in message and "synthetic" in message
+    assert f"(no folder {tmp_path / 'coco'})" in message and "cocodataset.org" in message
+    assert "point data.root at your COCO-format data" in message and "data.dataset=synthetic" in message
+    (tmp_path / "coco" / "train2017").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"missing annotations/instances_train2017.json, val2017, "
+                                           r"annotations/instances_val2017.json in it\) — point data.root"):
+        build_datasets(Config().replace([f"data.root={tmp_path / 'coco'}"]))
 
 
 def test_build_transforms_extra_and_unknown():

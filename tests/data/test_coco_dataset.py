@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from detr_kit.errors import DatasetError
 from detr_kit.data.coco import BadImageError, CocoDetection, load_rgb_image
 from detr_kit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, boxes_to_original, eval_transforms
 from detr_kit.structures import LabelMap
@@ -93,28 +94,29 @@ def test_box_round_trip_random_boxes(tmp_path, rng):
 def test_truncated_json(tmp_path):
     image_dir, ann_file = write_coco(tmp_path, {"a.png": np.zeros((4, 4, 3), np.uint8)}, [])
     ann_file.write_text(ann_file.read_text()[:-20])
-    with pytest.raises(ValueError, match="not valid JSON") as err:
+    with pytest.raises(DatasetError, match=r"not readable as JSON \(truncated or corrupt\?\)") as err:
         CocoDetection(image_dir, ann_file)
     assert str(ann_file) in str(err.value)
 
 
 @pytest.mark.parametrize(
     "content, match",
-    [("[1, 2]", "not a COCO annotation file"), ('{"images": [], "annotations": []}', r"missing key\(s\) \['categories'\]"),
+    [("[1, 2]", "top level is a list, not a COCO object"),
+     ('{"images": [], "annotations": []}', r"missing or non-list key\(s\) \['categories'\]"),
      ('{"foo": 1}', r"\['images', 'annotations', 'categories'\]")],
 )
 def test_not_coco_json(tmp_path, content, match):
     (tmp_path / "images").mkdir()
     path = tmp_path / "x.json"
     path.write_text(content)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(DatasetError, match=match):
         CocoDetection(tmp_path / "images", path)
 
 
 def test_unknown_category_names_annotation_and_category(tmp_path):
     image_dir, ann_file = write_coco(tmp_path, {"a.png": np.zeros((8, 8, 3), np.uint8)},
                                      [{"file": "a.png", "bbox": [1, 1, 2, 2]}, {"file": "a.png", "bbox": [1, 1, 2, 2], "category_id": 77}])
-    with pytest.raises(ValueError, match=r"annotation id 2 has category id 77"):
+    with pytest.raises(DatasetError, match=r"annotation id=2 \(image id=1\): category id 77 is not in 'categories'"):
         CocoDetection(image_dir, ann_file)
 
 
@@ -123,11 +125,14 @@ def test_missing_images_listed_in_one_error(tmp_path):
     image_dir, ann_file = write_coco(tmp_path, images, [])
     for i in range(1, 24):  # delete 23 of them
         (image_dir / f"{i:02d}.png").unlink()
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DatasetError) as err:
         CocoDetection(image_dir, ann_file)
     message = str(err.value)
-    assert "23 of 25 listed images are missing" in message and "and 3 more" in message
-    assert all(f"{i:02d}.png" in message for i in range(1, 21)) and "00.png" not in message
+    assert "23 problem(s) make this dataset unusable (missing_image x23)" in message
+    assert "missing_image: ... and 18 more" in message  # the first 5 are named, the rest counted
+    assert all(f"{i:02d}.png not found" in message for i in range(1, 6)) and "06.png" not in message
+    assert "00.png" not in message and "24.png" not in message
+    assert f"python tools/check_data.py --images {image_dir} --annotations {ann_file}" in message
 
 
 def test_given_label_map_is_used_and_checked(tmp_path):

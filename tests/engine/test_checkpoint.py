@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import stat
 
 import numpy as np
 import pytest
@@ -13,8 +12,8 @@ import torch
 from detr_kit.engine import checkpoint as ckpt
 from detr_kit.engine.checkpoint import (
     CheckpointError,
+    PickledCodeError,
     capture_rng_state,
-    check_writable,
     load_checkpoint,
     remove_stale_temp_files,
     restore_rng_state,
@@ -50,35 +49,39 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="nope.pth' does not exist — give the path of a .pth file"):
         load_checkpoint(tmp_path / "nope.pth")
     save_checkpoint(tmp_path / "good.pth", {"w": torch.randn(100)})
     data = (tmp_path / "good.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as err:
         load_checkpoint(tmp_path / "truncated.pth")
+    assert not isinstance(err.value, PickledCodeError)
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="garbage.pth"):
         load_checkpoint(tmp_path / "garbage.pth")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores folder permissions")
-def test_unwritable_folder_is_reported(tmp_path):
-    folder = tmp_path / "locked"
-    folder.mkdir()
-    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    try:
-        with pytest.raises(CheckpointError, match="not writable"):
-            check_writable(folder)
-    finally:
-        folder.chmod(stat.S_IRWXU)
+class _RunsCode:
+    """Unpickling this calls os.getcwd: harmless, but code a weights-only load must refuse to run."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_pickled_code_is_refused_as_such_not_called_corrupt(tmp_path):
+    torch.save({"model": {"w": torch.ones(2)}, "payload": _RunsCode()}, tmp_path / "code.pth")
+    with pytest.raises(PickledCodeError) as err:
+        load_checkpoint(tmp_path / "code.pth")
+    assert err.value.what == f"checkpoint {str(tmp_path / 'code.pth')!r} holds pickled code (GLOBAL posix.getcwd)"
+    assert err.value.fix == "refused for safety; pass --trusted if you trust its source"
+    assert "corrupt" not in str(err.value)
+    assert load_checkpoint(tmp_path / "code.pth", weights_only=False)["payload"] == os.getcwd()  # trusted: runs
 
 
 def test_folder_under_a_file_is_reported(tmp_path):
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(CheckpointError, match="not writable"):
-        check_writable(tmp_path / "a_file" / "run")
-    with pytest.raises(CheckpointError, match="cannot write checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*a_file is a file"):
         save_checkpoint(tmp_path / "a_file" / "last.pth", {"x": 1})
 
 

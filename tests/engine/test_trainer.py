@@ -236,9 +236,10 @@ def test_cosine_schedule():
 from pathlib import Path  # noqa: E402
 
 from detr_kit.config import load_config  # noqa: E402
-from detr_kit.engine.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from detr_kit.engine.checkpoint import load_checkpoint  # noqa: E402
 from detr_kit.engine.logging import read_metrics  # noqa: E402
 from detr_kit.engine.trainer import Trainer, train  # noqa: E402
+from detr_kit.errors import OutputError  # noqa: E402
 
 TINY_CONFIG = Path(__file__).with_name("tiny.yaml")
 
@@ -322,7 +323,8 @@ def test_bf16_overfit_run_writes_every_artifact(tiny_cfg, tmp_path):
 
 def test_unwritable_output_folder_fails_at_start_up(tiny_cfg, tmp_path):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(CheckpointError, match="not writable"):
+    with pytest.raises(OutputError, match=r"a_file/run is not writable \(.*a_file is a file\) — choose another "
+                                          r"folder with --output-dir or train.output_dir"):
         train(tiny_cfg(), tmp_path / "a_file" / "run", device="cpu")
-    with pytest.raises(CheckpointError, match="not writable"):
+    with pytest.raises(OutputError, match="not writable"):
         train(tiny_cfg(), "/proc/detr_kit_run", device="cpu")  # not creatable, even for root

@@ -114,5 +114,8 @@ def test_cli_exports_a_checkpoint_to_torchscript(tmp_path, capsys):
     traced = export.torchscript_runner(tmp_path / "tiny.pt")
     logits, boxes = traced(torch.randn(3, 3, 64, 160))
     assert logits.shape == (3, 10, NUM_CLASSES + 1) and boxes.shape == (3, 10, 4)
-    assert export.main(["--checkpoint", str(tmp_path / "tiny.pth"), "--format", "onnx", "--opset", "13",
-                        "--out", str(tmp_path / "x.onnx"), "--image-size", "64", "96"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse: usage line, then the error; exit code 2
+        export.main(["--checkpoint", str(tmp_path / "tiny.pth"), "--format", "onnx", "--opset", "13",
+                     "--out", str(tmp_path / "x.onnx"), "--image-size", "64", "96"])
+    assert refused.value.code == 2 and "--opset 13 is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
