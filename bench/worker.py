@@ -221,7 +221,8 @@ def batch_wide_match(logits, boxes, targets):
 
 
 def data_case(num_batches: int, workers: int) -> Callable[[], object]:
-    from detr_kit.build import build_datasets, build_train_loader
+    from detr_kit.build import build_datasets
+    from detr_kit.data.loaders import build_train_loader
     from detr_kit.config import load_config
 
     cfg = load_config(

@@ -178,6 +178,7 @@ def build_postprocessor(cfg: Config | ModelConfig) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- data
 
 from pathlib import Path  # noqa: E402  (the data section's own imports)
+from typing import Literal, Sequence  # noqa: E402
 
 from detr_kit.config import DataConfig  # noqa: E402
 from detr_kit.errors import DatasetError  # noqa: E402
@@ -252,6 +253,51 @@ def _ensure_synthetic(data_cfg: DataConfig) -> Path:
     return root
 
 
+Split = Literal["train", "val"]
+
+
+def dataset_files(data_cfg: DataConfig, splits: Sequence[Split]) -> dict[str, tuple[Path, Path]]:
+    """(image folder, annotation json) of each split; the synthetic dataset is generated first if it is not there.
+
+    Raises:
+        DatasetError: a folder or file is missing (all of the splits' at once; the message says where they are
+            expected and how to get them), or data.root holds a user's files and data.dataset is synthetic.
+    """
+    d = data_cfg
+    names = {"train": (d.train_images, d.train_annotations), "val": (d.val_images, d.val_annotations)}
+    if d.dataset == "synthetic":
+        root = _ensure_synthetic(d)
+        return {split: tuple(root / _SYNTHETIC_NAMES.get(n, n) for n in names[split]) for split in splits}
+    root = Path(d.root)
+    if not root.is_dir():
+        raise DatasetError(f"data.root={root}: dataset not found (no folder {root})", COCO_HELP)
+    wanted = list(dict.fromkeys(n for split in splits for n in names[split]))
+    missing = [n for n in wanted if not (root / n).exists()]
+    if missing:
+        raise DatasetError(f"data.root={root}: dataset not found (missing {', '.join(missing)} in it)", COCO_HELP)
+    return {split: (root / names[split][0], root / names[split][1]) for split in splits}
+
+
+def build_dataset(data_cfg: DataConfig, split: Split, train: bool = False, label_map: LabelMap | None = None):
+    """One split of ``data_cfg``'s dataset, with the training augmentation (``train``) or the evaluation resize.
+
+    Args:
+        data_cfg: the data section of the config.
+        split: "train" or "val": which images and annotations.
+        train: True for training targets and augmentation; False for evaluation (crowd boxes kept, eval resize).
+        label_map: the label map to keep (a checkpoint's, or the train split's for the val split); None = from
+            the split's own json.
+
+    Raises:
+        DatasetError: see ``dataset_files``; or the json has problems (all of them in one message).
+    """
+    from detr_kit.data.coco import CocoDetection
+
+    images, annotations = dataset_files(data_cfg, [split])[split]
+    transforms = build_transforms(data_cfg, train)
+    return CocoDetection(images, annotations, transforms, train, label_map, data_cfg.on_bad_image)
+
+
 def build_datasets(cfg: Config, label_map: LabelMap | None = None):
     """(train_dataset, val_dataset) for ``cfg.data``; the val set reuses the train set's label map.
 
@@ -259,39 +305,22 @@ def build_datasets(cfg: Config, label_map: LabelMap | None = None):
         cfg: the full config.
         label_map: a checkpoint's label map to keep (fine-tuning); None = from the train json.
     Raises:
-        DatasetError: the COCO folders or files are missing (the message says where they are expected and
-            how to get them), or the jsons have problems (all of them in one message, see data/doctor.py).
+        DatasetError: as ``build_dataset``, for both splits in one message.
     """
-    from detr_kit.data.coco import CocoDetection
-
-    d = cfg.data
-    if d.dataset == "synthetic":
-        root = _ensure_synthetic(d)
-        names = (d.train_images, d.train_annotations, d.val_images, d.val_annotations)
-        paths = tuple(root / _SYNTHETIC_NAMES.get(name, name) for name in names)
-    else:
-        root = Path(d.root)
-        paths = (root / d.train_images, root / d.train_annotations, root / d.val_images, root / d.val_annotations)
-        missing = [str(p.relative_to(root)) for p in paths if not p.exists()]
-        if not root.is_dir():
-            raise DatasetError(f"data.root={root}: dataset not found (no folder {root})", COCO_HELP)
-        if missing:
-            raise DatasetError(f"data.root={root}: dataset not found (missing {', '.join(missing)} in it)", COCO_HELP)
-    train_images, train_json, val_images, val_json = paths
     failed: list[tuple[DatasetError, Path]] = []  # both splits are checked before one error lists every problem
+    files = dataset_files(cfg.data, ["train", "val"])
     train = val = None
     try:
-        train = CocoDetection(train_images, train_json, build_transforms(d, True), True, label_map, d.on_bad_image)
+        train = build_dataset(cfg.data, "train", True, label_map)
     except DatasetError as err:
-        failed.append((err, train_json))
+        failed.append((err, files["train"][1]))
     try:
-        val_map = train.label_map if train is not None else label_map
-        val = CocoDetection(val_images, val_json, build_transforms(d, False), False, val_map, d.on_bad_image)
+        val = build_dataset(cfg.data, "val", False, train.label_map if train is not None else label_map)
     except DatasetError as err:
-        if val_json != train_json:  # the same json for both splits: its problems once
-            failed.append((err, val_json))
+        if files["val"][1] != files["train"][1]:  # the same json for both splits: its problems once
+            failed.append((err, files["val"][1]))
     if failed:
-        raise _one_dataset_error(failed, {train_json: train_images, val_json: val_images})
+        raise _one_dataset_error(failed, {json_file: images for images, json_file in files.values()})
     return train, val
 
 
@@ -307,72 +336,3 @@ def _one_dataset_error(failed: list[tuple[DatasetError, Path]], image_dirs: dict
     commands = " and ".join(doctor_command(image_dirs[json_file], json_file) for _, json_file in failed)
     return DatasetError("; ".join(err.what for err, _ in failed),
                         f"fix them; the dataset doctor lists each with its fix: {commands}", problems + list(fixes))
-
-
-def _seed_worker_transforms(worker_id: int) -> None:
-    """DataLoader worker_init_fn: give each worker its own augmentation stream (forked copies repeat otherwise)."""
-    import torch
-
-    from detr_kit.data.transforms import seed_transforms
-
-    info = torch.utils.data.get_worker_info()
-    transforms = getattr(info.dataset, "transforms", None)
-    if transforms is not None and hasattr(transforms, "set_random_seed"):
-        seed_transforms(transforms, info.seed)
-
-
-def build_train_loader(
-    dataset,
-    batch_size: int,
-    num_workers: int,
-    aspect_ratio_grouping: bool = True,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    drop_last: bool = False,
-):
-    """A shuffling training DataLoader yielding ``(ImageBatch, list[Target])``.
-
-    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch: the order is deterministic for
-    (seed, epoch) and differs between epochs. With ``world_size > 1`` each rank reads its own shard
-    (a DistributedSampler; the last shard is padded with repeats, as DDP needs equal step counts).
-    With ``aspect_ratio_grouping`` a batch holds only portrait or only landscape images (less padding).
-    """
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from detr_kit.data.collate import collate
-    from detr_kit.data.samplers import GroupedBatchSampler, aspect_ratio_groups
-    from detr_kit.data.transforms import seed_transforms
-
-    if not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
-    if aspect_ratio_grouping and hasattr(dataset, "aspect_ratios"):
-        groups = aspect_ratio_groups(dataset.aspect_ratios())
-    else:
-        groups = [0] * len(dataset)
-    batch_sampler = GroupedBatchSampler(sampler, groups, batch_size, drop_last=drop_last)
-    transforms = getattr(dataset, "transforms", None)
-    if num_workers == 0 and transforms is not None and hasattr(transforms, "set_random_seed"):
-        seed_transforms(transforms, seed * 1000 + rank)
-    return DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        worker_init_fn=_seed_worker_transforms if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed * 1000 + rank),
-    )
-
-
-def build_val_loader(dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1):
-    """An in-order evaluation DataLoader; rank r reads images r, r + world_size, ... (each image exactly once)."""
-    from torch.utils.data import DataLoader
-
-    from detr_kit.data.collate import collate
-
-    if not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    indices = list(range(rank, len(dataset), world_size))
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=collate)

@@ -12,8 +12,12 @@ This module imports nothing beyond the standard library, so every part of detr_k
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
+
+TRUST_HINT = "refused for safety; pass --trusted if you trust its source"
 
 
 class DetrKitError(Exception):
@@ -81,6 +85,22 @@ def run_tool(body: Callable[[], int], debug: bool = False) -> int:
         return err.exit_code
 
 
+def checkpoint_load_error(path: str | Path, err: Exception) -> CheckpointError:
+    """The error for a ``torch.load`` that failed: pickled code refused by ``weights_only``, or a broken file."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if refused:
+        return PickledCodeError(f"checkpoint {str(path)!r} holds pickled code (GLOBAL {refused.group(1)})", TRUST_HINT)
+    message = " ".join(str(err).split())
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        reason = "the file is empty, 0 bytes"
+    elif message.startswith("Weights only load failed"):  # torch's advice on weights_only does not apply
+        reason = "unreadable pickle data"
+    else:
+        reason = f"{type(err).__name__}: {message.split('. ')[0][:160]}" if message else type(err).__name__
+    return CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({reason})",
+                           "copy it again, or use another checkpoint")
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -88,5 +108,7 @@ __all__ = [
     "DetrKitError",
     "OutputError",
     "PickledCodeError",
+    "TRUST_HINT",
+    "checkpoint_load_error",
     "run_tool",
 ]

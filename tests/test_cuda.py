@@ -146,7 +146,7 @@ def test_trainer_on_cuda_trains_and_its_checkpoint_loads_on_cpu(tmp_path, amp):
     # batch 1: 16 steps, enough for fp16's GradScaler to back off from its initial scale (2**16) and step
     cfg = load_config(TINY_ENGINE, [f"data.root={root}", "train.epochs=2", f"train.amp={amp}", "train.num_vis_images=0",
                                     "data.batch_size=1"])
-    trainer = Trainer(cfg, tmp_path / "run", device="cuda")
+    trainer = Trainer.create(cfg, tmp_path / "run", device="cuda")
     assert trainer.device.type == "cuda"
     assert (trainer.scaler is not None) == (amp == "fp16")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -166,7 +166,7 @@ def test_trainer_on_cuda_trains_and_its_checkpoint_loads_on_cpu(tmp_path, amp):
     torch.testing.assert_close(got.boxes, expected.boxes.cpu(), atol=1e-4, rtol=1e-4)
 
     # resume on CUDA from that checkpoint: one more epoch
-    resumed = Trainer(cfg.replace(["train.epochs=3"]), tmp_path / "run", device="cuda", resume=True)
+    resumed = Trainer.create(cfg.replace(["train.epochs=3"]), tmp_path / "run", device="cuda", resume=True)
     assert resumed.epoch == 2
     resumed.train()
 

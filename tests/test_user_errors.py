@@ -47,6 +47,8 @@ BROKEN_SUMMARY = ("7 problem(s) make this dataset unusable (duplicate_image_id x
 BROKEN = (f"error: broken/train.json: {BROKEN_SUMMARY}; broken/val.json: {BROKEN_SUMMARY} — fix them; the dataset "
           "doctor lists each with its fix: python tools/check_data.py --images broken/images --annotations "
           "broken/train.json and python tools/check_data.py --images broken/images --annotations broken/val.json")
+BROKEN_VAL = (f"error: broken/val.json: {BROKEN_SUMMARY} — fix them; the dataset doctor lists each with its fix: "
+              "python tools/check_data.py --images broken/images --annotations broken/val.json")  # eval reads val only
 AUG = ["--images", "my_data/images", "--annotations", "my_data/train.json", "--show-aug", "1"]
 
 
@@ -131,7 +133,7 @@ CASES = [
     Case("broken dataset (7 problems)", "train.py", ["tiny.yaml", *COCO, "data.root=broken", "--output-dir", "runs/t"],
          1, BROKEN),
     Case("broken dataset (7 problems)", "eval.py", ["tiny.yaml", *COCO, "data.root=broken", "--checkpoint", "tiny.pth",
-                                                    "--output-dir", "ev"], 1, BROKEN),
+                                                    "--output-dir", "ev"], 1, BROKEN_VAL),
     Case("broken dataset (7 problems)", "check_data.py", ["--images", "broken/images", "--annotations", "broken/train.json"],
          1, "7 errors, 1 warnings"),
     Case("user data, data.dataset=synthetic", "train.py", ["tiny.yaml", "data.root=my_data", "--output-dir", "runs/t"],
@@ -334,8 +336,8 @@ def test_train_init_from_trusted_reaches_the_loader(numpy_checkpoint, tmp_path):
                                     "train.seed=7"])  # not the checkpoint's seed: equal weights must come from it
     with pytest.raises(PickledCodeError, match=r"^train.init_from: checkpoint .*numpy.pth' holds pickled code "
                                                r"\(GLOBAL numpy\..*\) — refused for safety; set train.init_from_trusted"):
-        Trainer(cfg, tmp_path / "refused", device="cpu")
-    trainer = Trainer(cfg.replace(["train.init_from_trusted=true"]), tmp_path / "trusted", device="cpu")
+        Trainer.create(cfg, tmp_path / "refused", device="cpu")
+    trainer = Trainer.create(cfg.replace(["train.init_from_trusted=true"]), tmp_path / "trusted", device="cpu")
     weights = torch.load(numpy_checkpoint, weights_only=False)["model"]
     for key in ("class_embed.weight", "query_embed.weight"):
         torch.testing.assert_close(trainer.model.state_dict()[key], weights[key], rtol=0, atol=0)

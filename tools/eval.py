@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from detr_kit.engine.evaluator import evaluate
     from detr_kit.engine.outputs import check_output_folder, claim_output_folder
     from detr_kit.errors import CheckpointError
+    from detr_kit.data.loaders import build_val_loader
     from detr_kit.structures import LabelMap
 
     cfg = load_config(args.config, args.overrides)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     label_map = LabelMap.from_dict(state["label_map"]) if state.get("label_map") else None
     info = dist_utils.init_distributed(args.device)
     try:
-        _, val_dataset = build.build_datasets(cfg, label_map=label_map)
+        val_dataset = build.build_dataset(cfg.data, "val", train=False, label_map=label_map)  # only what it evaluates
         claim_output_folder(output_dir, "--output-dir", "tools/eval.py")  # before the model and the evaluation
         label_map = val_dataset.label_map
         model = build.build_model(cfg, num_classes=len(label_map))
@@ -74,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
                                   f"({first[0].strip()[:160]})",
                                   "pass the config it was trained with (the config.yaml beside it)") from err
         model.to(info.device)
-        loader = build.build_val_loader(val_dataset, cfg.eval.batch_size, cfg.data.num_workers, info.rank,
-                                        info.world_size)
+        loader = build_val_loader(val_dataset, cfg.eval.batch_size, cfg.data.num_workers, info.rank, info.world_size)
         metrics = evaluate(model, build.build_postprocessor(cfg), loader, val_dataset.coco, label_map, info.device,
                            amp=cfg.train.amp, output_dir=output_dir if info.rank == 0 else None,
                            exact_padding=cfg.eval.exact_padding, verbose=info.rank == 0,

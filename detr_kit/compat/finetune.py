@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from detr_kit.compat.hf import convert_hf_checkpoint, is_hf_state_dict
 from detr_kit.compat.official import convert_official_checkpoint, unwrap_checkpoint
-from detr_kit.engine.checkpoint import refused_load_error
-from detr_kit.errors import CheckpointError
+from detr_kit.errors import CheckpointError, checkpoint_load_error
 from detr_kit.models.heads import focal_prior_bias
 
 CheckpointFormat = Literal["detr_kit", "official", "hf"]
@@ -99,12 +98,12 @@ def read_checkpoint(source: str | Path | Mapping[str, Any], trusted: bool = Fals
         try:
             return load_file(str(path), device="cpu")
         except Exception as err:  # safetensors raises its own error types for broken files
-            raise refused_load_error(path, err) from err
+            raise checkpoint_load_error(path, err) from err
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as err:  # unpickling errors have many types
-        raise refused_load_error(path, err) from err
+        raise checkpoint_load_error(path, err) from err
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a dict",
                               "give a state dict or a checkpoint dict")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,9 +19,8 @@ import numpy as np
 import torch
 
 from detr_kit.engine.outputs import why_unwritable
-from detr_kit.errors import CheckpointError, PickledCodeError
+from detr_kit.errors import CheckpointError, PickledCodeError, checkpoint_load_error
 
-TRUST_HINT = "refused for safety; pass --trusted if you trust its source"
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
@@ -114,27 +112,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:
-        raise refused_load_error(path, err) from err
+        raise checkpoint_load_error(path, err) from err
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a dict",
                               "give a checkpoint written by detr_kit (tools/train.py or tools/convert.py)")
     return state
-
-
-def refused_load_error(path: str | Path, err: Exception) -> CheckpointError:
-    """The error for a ``torch.load`` that failed: pickled code refused by ``weights_only``, or a broken file."""
-    refused = re.search(r"GLOBAL ([\w.]+)", str(err))
-    if refused:
-        return PickledCodeError(f"checkpoint {str(path)!r} holds pickled code (GLOBAL {refused.group(1)})", TRUST_HINT)
-    message = " ".join(str(err).split())
-    if Path(path).is_file() and Path(path).stat().st_size == 0:
-        reason = "the file is empty, 0 bytes"
-    elif message.startswith("Weights only load failed"):  # torch's advice on weights_only does not apply
-        reason = "unreadable pickle data"
-    else:
-        reason = f"{type(err).__name__}: {message.split('. ')[0][:160]}" if message else type(err).__name__
-    return CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({reason})",
-                           "copy it again, or use another checkpoint")
 
 
 # ------------------------------------------------------------------------------------------- RNG state
@@ -189,10 +171,8 @@ def _python_state_from_plain(state: list) -> tuple:
 __all__ = [
     "CheckpointError",
     "PickledCodeError",
-    "TRUST_HINT",
     "capture_rng_state",
     "load_checkpoint",
-    "refused_load_error",
     "remove_stale_temp_files",
     "restore_rng_state",
     "save_checkpoint",

@@ -2,7 +2,7 @@
 
 Schedulers (SLURM, Kubernetes) and Ctrl-C signal the whole process group. The main process turns the signal
 into a request to stop after the current step (:class:`StopSignal`); DataLoader workers ignore it
-(:func:`shield_workers`) and are shut down by the main process itself (``loaders.shutdown_workers``).
+(:func:`shield_workers`) and are shut down by the main process itself (``data.loaders.shutdown_workers``).
 """
 
 from __future__ import annotations

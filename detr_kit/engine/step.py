@@ -23,7 +23,7 @@ from torch import nn
 
 from detr_kit.engine import distributed as dist_utils
 from detr_kit.engine.checkpoint import capture_rng_state, restore_rng_state
-from detr_kit.engine.loaders import shutdown_workers
+from detr_kit.data.loaders import shutdown_workers
 from detr_kit.structures import DetectionOutput, ImageBatch, LossOutput, Target
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,9 +1,10 @@
 """The training loop: epochs, evaluation, EMA, checkpoints, resume and clean stops.
 
 ``train(cfg, output_dir, resume)`` is the whole of ``tools/train.py``: it joins the ``torchrun`` process
-group (if any), builds a :class:`Trainer` and runs it. The Trainer reads the config once, in its
-constructor, and turns it into objects through ``detr_kit.build``; one optimizer step is
-:func:`detr_kit.engine.step.train_step`, which takes plain objects only.
+group (if any), creates a :class:`Trainer` and runs it. ``Trainer.create`` claims the run folder, reads the
+checkpoint to resume from, and builds the run's parts once (``engine/setup.py``: data, model, losses, loaders,
+optimizer); the Trainer receives them. One optimizer step is :func:`detr_kit.engine.step.train_step`, which takes
+plain objects only.
 
 Reliability rules this loop keeps:
 - a step with a non-finite loss or gradient is skipped (``engine/step.py``) and its batch's image ids are
@@ -11,19 +12,20 @@ Reliability rules this loop keeps:
   leaving the last good checkpoint on disk untouched;
 - SIGTERM / SIGINT (``engine/signals.py``) finish the current step, write ``last.pth`` for that step and
   return normally; resuming continues from that very step, skipping the batches of the epoch that were
-  already done (``engine/loaders.py``: the sampler reshuffles identically from its epoch number);
+  already done (``data/loaders.py``: the sampler reshuffles identically from its epoch number);
 - checkpoints are written atomically (``engine/checkpoint.py``), by rank 0 only.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from detr_kit.config import Config, save_config
 from detr_kit.engine import distributed as dist_utils
@@ -36,14 +38,14 @@ from detr_kit.engine.checkpoint import (
 )
 from detr_kit.engine.ema import ModelEMA
 from detr_kit.engine.examples import draw_examples
-from detr_kit.engine.loaders import loader_skipping, seed_everything, set_epoch, shutdown_workers
+from detr_kit.data.loaders import loader_skipping, set_epoch, shutdown_workers
 from detr_kit.engine.logging import AP_KEYS, MetricsLogger, ProgressBar, Timer
-from detr_kit.engine.optim import build_lr_scheduler, build_optimizer, freeze_untrained
 from detr_kit.engine.outputs import check_output_folder, claim_output_folder
-from detr_kit.engine.signals import StopSignal, shield_workers
-from detr_kit.engine.step import probe_unused_parameters, train_step
+from detr_kit.engine.setup import TrainingParts, build_training_parts, seed_everything
+from detr_kit.engine.signals import StopSignal
+from detr_kit.engine.step import StepResult, probe_unused_parameters, train_step
 from detr_kit.errors import CheckpointError, PickledCodeError
-from detr_kit.structures import ImageBatch, LabelMap, Target
+from detr_kit.structures import ImageBatch, Target
 
 EMA_WARMUP_STEPS = 2000  # time constant of the EMA decay warm-up, in optimizer steps
 OUTPUT_OPTION = "--output-dir or train.output_dir"  # how a user chooses the run folder
@@ -52,76 +54,43 @@ OUTPUT_OPTION = "--output-dir or train.output_dir"  # how a user chooses the run
 # ---------------------------------------------------------------------------------------------- Trainer
 
 
+@dataclass
+class EpochTally:
+    """What the steps of one epoch did: summed loss terms of the good steps and the counts."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    done_steps: int = 0
+    skipped_steps: int = 0
+    overflow_steps: int = 0
+
+
 class Trainer:
-    """Everything a training run needs, built from a config.
+    """A training run: its parts, the run folder, and where it stands (epoch, step, best AP).
+
+    Create one with :meth:`create`, which builds everything from the config.
 
     Args:
         cfg: the resolved config.
-        output_dir: the run folder (checkpoints, config.yaml, metrics.jsonl, plots/, vis/, tensorboard/).
-        device: "cpu", "cuda", ... or None for CUDA when available.
-        resume: None/False for a fresh run; True for ``output_dir/last.pth`` if it exists (a fresh start
-            otherwise); or the path of a checkpoint to continue from.
-        dist_info: the process's place in a torchrun group (from ``init_distributed``); None = single process.
-
-    Raises:
-        OutputError: when ``output_dir`` is not writable or holds files detr_kit did not write.
-        CheckpointError: when the resume checkpoint is missing or corrupt.
+        parts: the data, model, losses, loaders and optimizer of the run (``engine/setup.py``).
+        output_dir: the run folder, claimed (checkpoints, config.yaml, metrics.jsonl, plots/, vis/, tensorboard/).
+        dist_info: the process's place in a torchrun group (or a single process).
+        resume: (path, state) of a checkpoint to continue from, or None for a fresh run.
     """
 
     def __init__(
         self,
         cfg: Config,
-        output_dir: str | Path,
-        device: str | torch.device | None = None,
-        resume: str | Path | bool | None = None,
-        dist_info: dist_utils.DistributedInfo | None = None,
+        parts: TrainingParts,
+        output_dir: Path,
+        dist_info: dist_utils.DistributedInfo,
+        resume: tuple[Path, dict[str, Any]] | None = None,
     ) -> None:
-        from detr_kit import build
-
-        self.cfg = cfg
         t = cfg.train
-        self.output_dir = claim_output_folder(output_dir, OUTPUT_OPTION, "tools/train.py")
-        if dist_info is None:
-            device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-            dist_info = dist_utils.DistributedInfo(device=device)
-        self.dist = dist_info
-        self.device = dist_info.device
-        self.is_main = dist_info.rank == 0
-        self.amp = t.amp
-        if self.is_main:
-            remove_stale_temp_files(self.output_dir)
-        resume_path = self._resume_path(resume)  # a missing or broken file fails now, before the datasets
-        resume_state = self._read_resume_checkpoint(resume_path) if resume_path is not None else None
-        if t.init_from and not Path(t.init_from).exists():
-            raise CheckpointError(f"train.init_from={t.init_from} does not exist",
-                                  "give a detr_kit, official or Hugging Face checkpoint file or folder")
-
-        seed_everything(t.seed, t.deterministic)
-        self.train_dataset, self.val_dataset = build.build_datasets(cfg)
-        self.label_map: LabelMap = self.train_dataset.label_map
-        self.model = build.build_model(cfg, num_classes=len(self.label_map)).to(self.device)
-        if t.init_from:
-            try:
-                from detr_kit.compat import load_pretrained
-            except ImportError as err:
-                raise ImportError(
-                    f"train.init_from={t.init_from!r} needs detr_kit.compat.load_pretrained, which failed to "
-                    f"import ({err}); unset train.init_from or fix the compat package"
-                ) from err
-            try:
-                load_pretrained(self.model, t.init_from, trusted=t.init_from_trusted)
-            except PickledCodeError as err:
-                raise PickledCodeError(f"train.init_from: {err.what}", "refused for safety; set "
-                                       "train.init_from_trusted=true if you trust its source") from err
-            except CheckpointError as err:
-                raise CheckpointError(f"train.init_from: {err.what}", err.fix) from err
-        self.criterion = build.build_criterion(cfg, num_classes=len(self.label_map)).to(self.device)
-        self.postprocessor = build.build_postprocessor(cfg)
-        self._build_loaders(build)
-        freeze_untrained(self.model, t)
-        self.optimizer = build_optimizer(self.model, t)
-        self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / t.accumulate_steps))
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, t, self.steps_per_epoch)
+        self.cfg, self.parts, self.output_dir = cfg, parts, output_dir
+        self.dist, self.device, self.is_main, self.amp = dist_info, dist_info.device, dist_info.rank == 0, t.amp
+        self.label_map, self.model, self.criterion = parts.label_map, parts.model, parts.criterion
+        self.train_loader, self.val_loader = parts.train_loader, parts.val_loader
+        self.optimizer, self.lr_scheduler, self.steps_per_epoch = parts.optimizer, parts.lr_scheduler, parts.steps_per_epoch
         self.scaler = torch.amp.GradScaler(self.device.type) if t.amp == "fp16" else None
         self.ema = ModelEMA(self.model, t.ema_decay, EMA_WARMUP_STEPS) if t.ema else None
         # Different augmentation streams per rank; the model was built (identically) before this.
@@ -133,8 +102,9 @@ class Trainer:
         self.best_ap = -math.inf
         self.metrics: dict[str, Any] = {}
         self.resumed_from: Path | None = None
-        if resume_state is not None:
-            self._load(resume_path, resume_state)
+        self._bad_in_a_row = 0  # consecutive steps with a non-finite loss or gradient
+        if resume is not None:
+            self._load(*resume)
 
         self.train_model = self.model
         if dist_info.enabled:
@@ -149,68 +119,46 @@ class Trainer:
         if self.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
 
+    @classmethod
+    def create(
+        cls,
+        cfg: Config,
+        output_dir: str | Path,
+        device: str | torch.device | None = None,
+        resume: str | Path | bool | None = None,
+        dist_info: dist_utils.DistributedInfo | None = None,
+    ) -> "Trainer":
+        """Claim the run folder, read the checkpoint to resume from (failing before any long work) and build the run.
+
+        Args:
+            cfg: the resolved config.
+            output_dir: the run folder.
+            device: "cpu", "cuda", ... or None for CUDA when available (ignored with ``dist_info``).
+            resume: None/False for a fresh run; True for ``output_dir/last.pth`` if it exists (a fresh start
+                otherwise); or the path of a checkpoint to continue from.
+            dist_info: the process's place in a torchrun group (from ``init_distributed``); None = single process.
+
+        Raises:
+            OutputError: when ``output_dir`` is not writable or holds files detr_kit did not write.
+            CheckpointError: when the resume checkpoint or ``train.init_from`` is missing or unusable.
+            DatasetError, ConfigError: for unusable data or settings.
+        """
+        output_dir = claim_output_folder(output_dir, OUTPUT_OPTION, "tools/train.py")
+        if dist_info is None:
+            device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+            dist_info = dist_utils.DistributedInfo(device=device)
+        if dist_info.rank == 0:
+            remove_stale_temp_files(output_dir)
+        resume_path = _resume_path(resume, output_dir, dist_info.rank == 0)
+        resume_state = _read_resume_checkpoint(resume_path) if resume_path is not None else None
+        init_from = cfg.train.init_from
+        if init_from and not Path(init_from).exists():  # before the datasets are read
+            raise CheckpointError(f"train.init_from={init_from} does not exist",
+                                  "give a detr_kit, official or Hugging Face checkpoint file or folder")
+        parts = build_training_parts(cfg, dist_info)
+        return cls(cfg, parts, output_dir, dist_info, None if resume_path is None else (resume_path, resume_state))
+
     # ------------------------------------------------------------------------------------------ set-up
-
-    def _build_loaders(self, build: Any) -> None:
-        cfg, d, t = self.cfg, self.cfg.data, self.cfg.train
-        rank, world = self.dist.rank, self.dist.world_size
-        if t.overfit_batches > 0:
-            # The first N batches of the training images, without augmentation, for training and evaluation.
-            train_as_eval = self._train_split_with_eval_transforms(build)
-            # N batches per rank; a multiple of the world size so that every rank takes as many steps.
-            count = min(len(train_as_eval), t.overfit_batches * d.batch_size * world)
-            count -= count % world
-            subset = Subset(train_as_eval, range(count))
-            self.eval_source = train_as_eval
-            self.train_loader = build.build_val_loader(subset, d.batch_size, d.num_workers, rank, world)
-            self.val_loader = build.build_val_loader(subset, cfg.eval.batch_size, d.num_workers, rank, world)
-            self.vis_dataset = subset
-        else:
-            self.eval_source = self.val_dataset
-            self.train_loader = build.build_train_loader(
-                self.train_dataset, d.batch_size, d.num_workers, d.aspect_ratio_grouping, t.seed, rank, world
-            )
-            self.val_loader = build.build_val_loader(self.val_dataset, cfg.eval.batch_size, d.num_workers, rank, world)
-            self.vis_dataset = self.val_dataset
-        shield_workers(self.train_loader)
-        shield_workers(self.val_loader)
-
-    def _train_split_with_eval_transforms(self, build: Any) -> Any:
-        """The training split read with the evaluation transforms (no augmentation)."""
-        d = self.cfg.data
-        same = self.cfg.replace([f"data.val_images={d.train_images}", f"data.val_annotations={d.train_annotations}"])
-        _, train_as_eval = build.build_datasets(same)
-        return train_as_eval
-
-    def _resume_path(self, resume: str | Path | bool | None) -> Path | None:
-        if resume is None or resume is False:
-            return None
-        if resume is True:
-            path = self.output_dir / "last.pth"
-            if not path.is_file():
-                if self.is_main:
-                    print(f"resume: no checkpoint at {path}; starting from scratch")
-                return None
-            return path
-        path = Path(resume)
-        if not path.is_file():
-            raise CheckpointError(f"--resume {str(path)!r} does not exist",
-                                  "give the last.pth of a run, or --resume alone for <output dir>/last.pth")
-        return path
-
-    @staticmethod
-    def _read_resume_checkpoint(path: Path) -> dict[str, Any]:
-        try:
-            state = load_checkpoint(path)
-        except PickledCodeError as err:
-            raise PickledCodeError(err.what, "refused for safety; resume only from checkpoints detr_kit wrote "
-                                   "(train.init_from with train.init_from_trusted=true starts from its weights)") from err
-        missing = [k for k in ("model", "optimizer", "epoch", "step") if k not in state]
-        if missing:
-            raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed from: it has no {missing}",
-                                  "resume from a last.pth that tools/train.py wrote, or start from its weights "
-                                  "with train.init_from")
-        return state
 
     def _load(self, path: Path, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -286,7 +234,7 @@ class Trainer:
 
         out_dir = self.output_dir / "eval" if self.is_main else None
         metrics = evaluate(
-            self.eval_model(), self.postprocessor, self.val_loader, self.eval_source.coco, self.label_map,
+            self.eval_model(), self.parts.postprocessor, self.val_loader, self.parts.eval_dataset.coco, self.label_map,
             self.device, amp=self.amp, output_dir=out_dir, exact_padding=self.cfg.eval.exact_padding,
             verbose=self.is_main, backend=self.cfg.eval.backend,
         )
@@ -297,7 +245,7 @@ class Trainer:
     def draw_examples(self, epoch: int) -> list[Path]:
         """Draw the predictions of the first ``train.num_vis_images`` validation images into ``vis/``."""
         return draw_examples(
-            self.eval_model(), self.postprocessor, self.vis_dataset, self.label_map.names, self.output_dir / "vis",
+            self.eval_model(), self.parts.postprocessor, self.parts.vis_dataset, self.label_map.names, self.output_dir / "vis",
             epoch, self.cfg.train.num_vis_images, self.device, self.amp,
         )
 
@@ -323,109 +271,112 @@ class Trainer:
                 self.logger.close()
 
     def _train(self, stop: StopSignal) -> dict[str, Any]:
-        t = self.cfg.train
         log = print if self.is_main else (lambda *a, **k: None)
-        touch = self.dist.enabled
-        bad_in_a_row = 0
-        num_batches = len(self.train_loader)
-        while self.epoch < t.epochs:
-            epoch = self.epoch
-            timer = Timer()
-            self.train_model.train()
-            sums: dict[str, float] = {}
-            done_steps = 0
-            skipped_steps = 0
-            overflow_steps = 0
-            batches = self._epoch_batches(epoch, self.batch_in_epoch)
-            start_step_in_epoch = math.ceil(self.batch_in_epoch / t.accumulate_steps)
-            bar = ProgressBar(self.steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", self.is_main,
-                              initial=start_step_in_epoch)
-            try:
-                while True:
-                    micro = []
-                    for _ in range(t.accumulate_steps):
-                        item = next(batches, None)
-                        if item is None:
-                            break
-                        micro.append(item)
-                    if not micro:
-                        break
-                    result = train_step(
-                        self.train_model, self.criterion, self.optimizer, micro, self.device,
-                        amp=t.amp, scaler=self.scaler, clip_max_norm=t.clip_max_norm, touch_all_outputs=touch,
-                    )
-                    self.batch_in_epoch += len(micro)
-                    if result.ok:
-                        bad_in_a_row = 0
-                        self.step += 1
-                        self.lr_scheduler.step()
-                        if self.ema is not None:
-                            self.ema.update(self.model)
-                        done_steps += 1
-                        overflow_steps += result.overflow
-                        for key, value in result.terms.items():
-                            sums[key] = sums.get(key, 0.0) + value
-                    else:
-                        bad_in_a_row += 1
-                        skipped_steps += 1
-                        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.terms.items()))
-                        bar.write(f"step {self.step}: non-finite loss or gradient, update skipped "
-                                  f"({bad_in_a_row}/{t.max_bad_steps} in a row); images {result.image_ids}; {shown}")
-                        if bad_in_a_row >= t.max_bad_steps:
-                            raise FloatingPointError(
-                                f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient "
-                                f"(epoch {epoch}, step {self.step}); last loss terms: {shown}; last images: "
-                                f"{result.image_ids}. Lower train.lr, enable train.clip_max_norm, try train.amp=off "
-                                f"or bf16, or check those images. The last good checkpoint is "
-                                f"{self.output_dir / 'last.pth'} (not overwritten)."
-                            )
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    bar.update(result.terms, lr)
-                    if result.ok and t.log_every_steps > 0 and self.step % t.log_every_steps == 0:
-                        terms = dist_utils.all_reduce_mean(result.terms, self.device)
-                        self.logger.log_step(epoch, self.step, lr, terms)
-                    if result.ok and t.checkpoint_every_steps > 0 and self.step % t.checkpoint_every_steps == 0:
-                        if self.batch_in_epoch < num_batches:
-                            self.save("last.pth")
-                    if self._should_stop(stop):
-                        if self.batch_in_epoch >= num_batches:
-                            break  # the epoch is complete: finish it (evaluation, checkpoint) before stopping
-                        self.save("last.pth")
-                        log(f"\nstopped by {stop.requested or 'a signal on another rank'} at epoch {epoch}, "
-                            f"step {self.step}; wrote {self.output_dir / 'last.pth'}. Continue with --resume.")
-                        return self._result(stopped=True)
-            finally:
-                bar.close()
-                shutdown_workers(batches)
-
-            # The epoch is complete.
-            means = {f"train/{k}": v / max(1, done_steps) for k, v in sums.items()}
-            means = dist_utils.all_reduce_mean(means, self.device)
-            self.epoch = epoch + 1
-            self.batch_in_epoch = 0
-            record: dict[str, Any] = {**means, "time_s": timer.elapsed, "skipped_steps": skipped_steps,
-                                      **({"fp16_overflow_steps": overflow_steps} if self.scaler is not None else {}),
-                                      "lr": self.optimizer.param_groups[0]["lr"]}
-            evaluated = t.eval_every_epochs > 0 and (self.epoch % t.eval_every_epochs == 0 or self.epoch == t.epochs)
-            if evaluated:
-                eval_timer = Timer()
-                metrics = self.evaluate(epoch)
-                self.metrics = {k: metrics[k] for k in AP_KEYS if k in metrics}
-                record.update({f"val/{k}": v for k, v in self.metrics.items()})
-                record["eval_time_s"] = eval_timer.elapsed
-            self.logger.log_epoch(epoch, self.step, record)
-            improved = evaluated and self.metrics.get("AP", -math.inf) > self.best_ap
-            if improved:
-                self.best_ap = self.metrics["AP"]  # before saving, so last.pth resumes with the right best_ap
-            self.save("last.pth")
-            if improved:
-                self.save("best.pth")
-            self._print_summary(epoch, record, log)
+        while self.epoch < self.cfg.train.epochs:
+            epoch, timer = self.epoch, Timer()
+            tally = self._run_epoch(epoch, stop, log)
+            if tally is None:  # stopped in the middle of the epoch; last.pth holds the step
+                return self._result(stopped=True)
+            self._finish_epoch(epoch, tally, timer, log)
             if self._should_stop(stop):
                 log(f"stopped by {stop.requested or 'a signal on another rank'} after epoch {epoch}; "
                     f"wrote {self.output_dir / 'last.pth'}. Continue with --resume.")
                 return self._result(stopped=True)
         return self._result(stopped=False)
+
+    def _run_epoch(self, epoch: int, stop: StopSignal, log: Callable[..., None]) -> EpochTally | None:
+        """The optimizer steps of one epoch (from ``batch_in_epoch`` on); None when a stop signal ended it early."""
+        t = self.cfg.train
+        num_batches = len(self.train_loader)
+        tally = EpochTally()
+        self.train_model.train()
+        batches = self._epoch_batches(epoch, self.batch_in_epoch)
+        bar = ProgressBar(self.steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", self.is_main,
+                          initial=math.ceil(self.batch_in_epoch / t.accumulate_steps))
+        try:
+            while micro := list(islice(batches, t.accumulate_steps)):  # one optimizer step's batches
+                result = train_step(
+                    self.train_model, self.criterion, self.optimizer, micro, self.device, amp=t.amp,
+                    scaler=self.scaler, clip_max_norm=t.clip_max_norm, touch_all_outputs=self.dist.enabled,
+                )
+                self.batch_in_epoch += len(micro)
+                self._count_step(result, tally, epoch, bar)
+                if result.ok and t.checkpoint_every_steps > 0 and self.step % t.checkpoint_every_steps == 0:
+                    if self.batch_in_epoch < num_batches:
+                        self.save("last.pth")
+                if self._should_stop(stop):
+                    if self.batch_in_epoch >= num_batches:
+                        break  # the epoch is complete: finish it (evaluation, checkpoint) before stopping
+                    self.save("last.pth")
+                    log(f"\nstopped by {stop.requested or 'a signal on another rank'} at epoch {epoch}, "
+                        f"step {self.step}; wrote {self.output_dir / 'last.pth'}. Continue with --resume.")
+                    return None
+        finally:
+            bar.close()
+            shutdown_workers(batches)
+        return tally
+
+    def _count_step(self, result: StepResult, tally: EpochTally, epoch: int, bar: ProgressBar) -> None:
+        """Advance the run by a good step (schedule, EMA, sums, step log) or count a bad one.
+
+        Raises:
+            FloatingPointError: after ``train.max_bad_steps`` bad steps in a row (the last checkpoint stays).
+        """
+        t = self.cfg.train
+        if result.ok:
+            self._bad_in_a_row = 0
+            self.step += 1
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            tally.done_steps += 1
+            tally.overflow_steps += result.overflow
+            for key, value in result.terms.items():
+                tally.sums[key] = tally.sums.get(key, 0.0) + value
+        else:
+            self._bad_in_a_row += 1
+            tally.skipped_steps += 1
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.terms.items()))
+            bar.write(f"step {self.step}: non-finite loss or gradient, update skipped "
+                      f"({self._bad_in_a_row}/{t.max_bad_steps} in a row); images {result.image_ids}; {shown}")
+            if self._bad_in_a_row >= t.max_bad_steps:
+                raise FloatingPointError(
+                    f"{self._bad_in_a_row} consecutive steps had a non-finite loss or gradient "
+                    f"(epoch {epoch}, step {self.step}); last loss terms: {shown}; last images: "
+                    f"{result.image_ids}. Lower train.lr, enable train.clip_max_norm, try train.amp=off "
+                    f"or bf16, or check those images. The last good checkpoint is "
+                    f"{self.output_dir / 'last.pth'} (not overwritten)."
+                )
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar.update(result.terms, lr)
+        if result.ok and t.log_every_steps > 0 and self.step % t.log_every_steps == 0:
+            self.logger.log_step(epoch, self.step, lr, dist_utils.all_reduce_mean(result.terms, self.device))
+
+    def _finish_epoch(self, epoch: int, tally: EpochTally, timer: Timer, log: Callable[..., None]) -> None:
+        """After an epoch's last step: the epoch's means, evaluation, the log record, last.pth and best.pth."""
+        t = self.cfg.train
+        means = {f"train/{k}": v / max(1, tally.done_steps) for k, v in tally.sums.items()}
+        means = dist_utils.all_reduce_mean(means, self.device)
+        self.epoch = epoch + 1
+        self.batch_in_epoch = 0
+        record: dict[str, Any] = {**means, "time_s": timer.elapsed, "skipped_steps": tally.skipped_steps,
+                                  **({"fp16_overflow_steps": tally.overflow_steps} if self.scaler is not None else {}),
+                                  "lr": self.optimizer.param_groups[0]["lr"]}
+        evaluated = t.eval_every_epochs > 0 and (self.epoch % t.eval_every_epochs == 0 or self.epoch == t.epochs)
+        if evaluated:
+            eval_timer = Timer()
+            metrics = self.evaluate(epoch)
+            self.metrics = {k: metrics[k] for k in AP_KEYS if k in metrics}
+            record.update({f"val/{k}": v for k, v in self.metrics.items()})
+            record["eval_time_s"] = eval_timer.elapsed
+        self.logger.log_epoch(epoch, self.step, record)
+        improved = evaluated and self.metrics.get("AP", -math.inf) > self.best_ap
+        if improved:
+            self.best_ap = self.metrics["AP"]  # before saving, so last.pth resumes with the right best_ap
+        self.save("last.pth")
+        if improved:
+            self.save("best.pth")
+        self._print_summary(epoch, record, log)
 
     def _should_stop(self, stop: StopSignal) -> bool:
         if not self.dist.enabled:
@@ -440,7 +391,7 @@ class Trainer:
         ap = ""
         if "val/AP" in record:
             ap = f" | AP {record['val/AP']:.4f}, AP50 {record['val/AP50']:.4f}, AP75 {record['val/AP75']:.4f}"
-        bad_images = len(getattr(self.train_dataset, "bad_images", ()) or ())
+        bad_images = len(getattr(self.parts.train_dataset, "bad_images", ()) or ())
         log(f"epoch {epoch + 1}/{self.cfg.train.epochs} done in {record['time_s']:.1f}s "
             f"(step {self.step}) | {losses}{ap} | skipped steps {record['skipped_steps']}, "
             f"skipped bad images {bad_images}"
@@ -449,6 +400,38 @@ class Trainer:
     def _result(self, stopped: bool) -> dict[str, Any]:
         return {"stopped": stopped, "epoch": self.epoch, "step": self.step, "best_ap": self.best_ap,
                 "metrics": dict(self.metrics)}
+
+
+def _resume_path(resume: str | Path | bool | None, output_dir: Path, is_main: bool) -> Path | None:
+    """The checkpoint ``resume`` names: None for a fresh run, ``output_dir/last.pth`` for True (if it exists)."""
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        path = output_dir / "last.pth"
+        if not path.is_file():
+            if is_main:
+                print(f"resume: no checkpoint at {path}; starting from scratch")
+            return None
+        return path
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {str(path)!r} does not exist",
+                              "give the last.pth of a run, or --resume alone for <output dir>/last.pth")
+    return path
+
+
+def _read_resume_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = load_checkpoint(path)
+    except PickledCodeError as err:
+        raise PickledCodeError(err.what, "refused for safety; resume only from checkpoints detr_kit wrote "
+                               "(train.init_from with train.init_from_trusted=true starts from its weights)") from err
+    missing = [k for k in ("model", "optimizer", "epoch", "step") if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed from: it has no {missing}",
+                              "resume from a last.pth that tools/train.py wrote, or start from its weights "
+                              "with train.init_from")
+    return state
 
 
 def default_output_dir(cfg: Config) -> Path:
@@ -467,7 +450,7 @@ def train(
     Args:
         cfg: the resolved config.
         output_dir: the run folder; None = :func:`default_output_dir`.
-        resume: see :class:`Trainer`.
+        resume: see :meth:`Trainer.create`.
         device: see :func:`detr_kit.engine.distributed.init_distributed`.
 
     Returns:
@@ -477,7 +460,7 @@ def train(
     check_output_folder(output_dir, OUTPUT_OPTION)  # before joining a process group: fail fast, everywhere alike
     info = dist_utils.init_distributed(device)
     try:
-        trainer = Trainer(cfg, output_dir, resume=resume, dist_info=info)
+        trainer = Trainer.create(cfg, output_dir, resume=resume, dist_info=info)
         result = trainer.train()
         dist_utils.barrier()
         return result

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from detr_kit.build import build_datasets, build_train_loader, build_transforms, build_val_loader
+from detr_kit.build import build_datasets, build_transforms
+from detr_kit.data.loaders import build_train_loader, build_val_loader
 from detr_kit.errors import DatasetError
 from detr_kit.config import Config
 

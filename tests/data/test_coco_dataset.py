@@ -250,7 +250,7 @@ def test_huge_image_loads(tmp_path):
 
 
 def test_bad_images_seen_by_dataloader_workers_reach_the_main_process(tmp_path):
-    from detr_kit.build import build_val_loader
+    from detr_kit.data.loaders import build_val_loader
 
     ds = _one_image_dataset(tmp_path, "bad.png", b"not a png", (8, 8), "skip", extra={"good.png": Image.new("RGB", (8, 8))})
     ids = [t.image_id for _, targets in build_val_loader(ds, 1, num_workers=1) for t in targets]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from detr_kit.build import build_train_loader, build_val_loader
+from detr_kit.data.loaders import build_train_loader, build_val_loader
 from detr_kit.data.coco import CocoDetection
 from detr_kit.data.collate import collate
 from detr_kit.data.samplers import GroupedBatchSampler, aspect_ratio_groups

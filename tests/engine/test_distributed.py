@@ -37,7 +37,7 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
     try:
         cfg = load_config(TINY_CONFIG, [f"data.root={root}", "train.epochs=1", "train.num_vis_images=0",
                                         "train.log_every_steps=1", "data.batch_size=2"])
-        trainer = Trainer(cfg, out, dist_info=info)
+        trainer = Trainer.create(cfg, out, dist_info=info)
         result = trainer.train()
         # A rank whose images all have no boxes must still take part in the gradient all-reduce.
         batch, targets = next(iter(trainer.train_loader))

@@ -282,7 +282,7 @@ def test_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(tiny_cfg, tmp_
     quiet = ("train.eval_every_epochs=0", "train.num_vis_images=0", "train.max_bad_steps=2")
     train(tiny_cfg("train.epochs=1", *quiet), tmp_path, device="cpu")
     good = load_checkpoint(tmp_path / "last.pth")
-    trainer = Trainer(tiny_cfg("train.epochs=2", *quiet), tmp_path, device="cpu", resume=True)
+    trainer = Trainer.create(tiny_cfg("train.epochs=2", *quiet), tmp_path, device="cpu", resume=True)
     real_forward = trainer.criterion.forward
 
     def poisoned(output, targets):
