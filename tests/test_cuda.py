@@ -119,8 +119,7 @@ def test_stacked_matcher_on_cuda_matches_per_image_matcher_on_cpu():
         wh = torch.rand(count, 2, generator=g) * 0.3 + 0.05
         targets.append(Target(torch.cat([cxcy, wh], 1), torch.randint(0, classes, (count,), generator=g)))
     matcher = HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2)
-    per_image = HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2)
-    per_image.stack_images = False
+    per_image = HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2, stack_images=False)
     expected = per_image(logits, boxes, targets)
     got = matcher(logits.to(CUDA), boxes.to(CUDA), [t.to(CUDA) for t in targets])  # stacked by default on CUDA
     assert len(got) == batch

@@ -71,13 +71,11 @@ class HungarianMatcher(nn.Module):
         focal: True for sigmoid heads (logits [B, Q, K]); False for softmax heads ([B, Q, K+1]).
         focal_alpha: alpha of the focal cost.
         focal_gamma: gamma of the focal cost.
-
-    Attributes:
-        stack_images: how the per-image costs are computed. None (default) picks by device: on CPU
-            image by image in query tiles of < 32768 elements (each op runs serially on L2-resident
-            data, and never waits on a busy intra-op thread pool), elsewhere in one pass over
-            [B, Q, max T_b] with targets padded (a fixed number of kernel launches, one device sync).
-            True / False force one way; both give the same costs.
+        stack_images: how the per-image costs are computed (both ways give the same costs): False image by
+            image in query tiles of < 32768 elements (each op runs serially on L2-resident data, and never waits
+            on a busy intra-op thread pool: the CPU's way), True in one pass over [B, Q, max T_b] with targets
+            padded (a fixed number of kernel launches, one device sync: the GPU's way); None picks by the
+            logits' device.
 
     Raises:
         ValueError: if every cost weight is zero or one is negative.
@@ -91,6 +89,7 @@ class HungarianMatcher(nn.Module):
         focal: bool = False,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        stack_images: bool | None = None,
     ) -> None:
         super().__init__()
         costs = {"cost_class": cost_class, "cost_bbox": cost_bbox, "cost_giou": cost_giou}
@@ -102,7 +101,7 @@ class HungarianMatcher(nn.Module):
         self.focal = bool(focal)
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
-        self.stack_images: bool | None = None
+        self.stack_images = stack_images
 
     def extra_repr(self) -> str:
         return (f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "

@@ -55,8 +55,8 @@ def random_predictions(batch_size, num_queries, focal, generator):
 @pytest.mark.parametrize("stack_images", [False, True])
 @pytest.mark.parametrize("focal", [False, True])
 def test_matched_cost_is_the_brute_force_minimum(focal, stack_images):
-    matcher = HungarianMatcher(cost_class=2.0 if focal else 1.0, cost_bbox=5.0, cost_giou=2.0, focal=focal)
-    matcher.stack_images = stack_images
+    matcher = HungarianMatcher(cost_class=2.0 if focal else 1.0, cost_bbox=5.0, cost_giou=2.0, focal=focal,
+                               stack_images=stack_images)
     generator = torch.Generator().manual_seed(1234 + focal)
     for seed in range(40):
         num_queries = 1 + seed % 7
@@ -89,8 +89,7 @@ def test_more_targets_than_queries_matches_every_query_optimally():
 @pytest.mark.parametrize("stack_images", [False, True])
 @pytest.mark.parametrize("focal", [False, True])
 def test_zero_targets_and_mixed_batch(focal, stack_images):
-    matcher = HungarianMatcher(focal=focal)
-    matcher.stack_images = stack_images
+    matcher = HungarianMatcher(focal=focal, stack_images=stack_images)
     generator = torch.Generator().manual_seed(3)
     logits, boxes = random_predictions(3, 6, focal, generator)
     targets = [random_target(0, generator), random_target(1, generator), random_target(5, generator)]
@@ -109,8 +108,7 @@ def test_zero_targets_and_mixed_batch(focal, stack_images):
 @pytest.mark.parametrize("stack_images", [False, True])
 @pytest.mark.parametrize("focal", [False, True])
 def test_non_finite_predictions_do_not_crash(focal, stack_images):
-    matcher = HungarianMatcher(focal=focal)
-    matcher.stack_images = stack_images
+    matcher = HungarianMatcher(focal=focal, stack_images=stack_images)
     generator = torch.Generator().manual_seed(11)
     logits, boxes = random_predictions(2, 5, focal, generator)
     logits[0, 1] = float("nan")
