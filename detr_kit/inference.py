@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from detr_kit.config import Config, config_from_dict
 from detr_kit.data.coco import BAD_IMAGE_ERRORS, load_rgb_image, pil_to_rgb_array
 from detr_kit.data.collate import collate
+from detr_kit.engine.evaluator import evaluation_mode
 from detr_kit.structures import Detections, LabelMap, Target
 from detr_kit.visualize import to_pil_image
 
@@ -100,8 +101,9 @@ class Detector:
         transforms: preprocessing ``(image=HWC uint8, bboxes, labels, iscrowd) -> {"image": [3, H', W'] float}``;
             None = ``build_transforms(cfg.data, train=False)``, the evaluation pipeline.
 
-    The model is put in eval mode and run with ``exact_padding``, so an image gives the same detections alone or
-    batched with larger images.
+    Each call runs the model in eval mode with ``exact_padding``, so an image gives the same detections alone or
+    batched with larger images, and then gives every submodule its train/eval mode back: a Detector can wrap a model
+    that is still being trained. The model is moved to ``device``.
     """
 
     def __init__(
@@ -129,7 +131,7 @@ class Detector:
         if num_classes != len(label_map):
             raise ValueError(f"Detector: the model has {num_classes} classes but the label map {len(label_map)}")
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)
         self.cfg = cfg
         self.label_map = label_map
         self.threshold = float(threshold)
@@ -187,6 +189,7 @@ class Detector:
         else:
             weights = state["model"]
         model.load_state_dict(weights)
+        model.eval()  # the detector's own model: used for inference only
         return cls(model, cfg, label_map, device=device, threshold=threshold, amp=amp, batch_size=batch_size)
 
     def preprocess(self, image: np.ndarray) -> Tensor:
@@ -231,8 +234,9 @@ class Detector:
         orig_sizes = torch.tensor([a.shape[:2] for a in arrays], dtype=torch.int64, device=self.device)  # [B, 2]
         use_amp = self.amp and self.device.type == "cuda"
         dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-        with torch.autocast("cuda", dtype=dtype) if use_amp else contextlib.nullcontext():
-            output = self.model(images, mask, exact_padding=True)
+        with evaluation_mode(self.model):
+            with torch.autocast("cuda", dtype=dtype) if use_amp else contextlib.nullcontext():
+                output = self.model(images, mask, exact_padding=True)
         output = type(output)(output.logits.float(), output.boxes.float(), (), None)
         detections = self.postprocessor(output, orig_sizes)
         names = self.label_map.names

@@ -12,7 +12,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -266,6 +266,23 @@ def format_coco_summary(stats: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode, then give every submodule its own train/eval flag back, also on errors.
+
+    A model being trained can be evaluated (or wrapped by ``Detector``) between its training steps and find its
+    modes as they were, including parts the caller keeps in eval mode (e.g. a backbone with frozen batch-norm
+    statistics), which ``model.train(was_training)`` would switch to train mode.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def evaluate(
     model: nn.Module,
     postprocessor: nn.Module,
@@ -281,7 +298,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run ``model`` over ``loader`` and return COCO bbox metrics (see ``CocoEvaluator.summarize``).
 
-    The model runs in eval mode under ``torch.inference_mode`` (its train/eval mode is restored afterwards), with
+    The model runs in eval mode under ``torch.inference_mode`` (``evaluation_mode``: its modes are restored), with
     ``exact_padding`` passed to its forward so that AP does not depend on the evaluation batch size.
 
     Args:
@@ -299,23 +316,18 @@ def evaluate(
         backend: "pycocotools" or "fast" (see ``CocoEvaluator``).
     """
     device = torch.device(device)
-    was_training = model.training
     evaluator = CocoEvaluator(coco_gt, label_map, backend)
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch, targets in loader:
-                batch = batch.to(device, non_blocking=True)
-                with autocast(device, amp):
-                    output = model(batch.images, batch.mask, exact_padding=exact_padding)
-                orig_sizes = torch.tensor([t.orig_size for t in targets], dtype=torch.int64, device=device)  # [B, 2]
-                output = outputs_to_float(output)
-                detections = postprocessor(output, orig_sizes)
-                evaluator.update(targets, detections)
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), torch.inference_mode():
+        for batch, targets in loader:
+            batch = batch.to(device, non_blocking=True)
+            with autocast(device, amp):
+                output = model(batch.images, batch.mask, exact_padding=exact_padding)
+            orig_sizes = torch.tensor([t.orig_size for t in targets], dtype=torch.int64, device=device)  # [B, 2]
+            output = outputs_to_float(output)
+            detections = postprocessor(output, orig_sizes)
+            evaluator.update(targets, detections)
     return evaluator.summarize(output_dir, verbose=verbose)
 
 
-__all__ = ["BACKENDS", "STAT_NAMES", "CocoEvaluator", "evaluate", "fast_coco_eval", "fast_coco_stats",
+__all__ = ["BACKENDS", "STAT_NAMES", "CocoEvaluator", "evaluate", "evaluation_mode", "fast_coco_eval", "fast_coco_stats",
            "format_coco_summary"]

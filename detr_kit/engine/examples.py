@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from detr_kit.engine.evaluator import evaluation_mode
 from detr_kit.engine.step import autocast, outputs_to_float
 
 EXAMPLE_SCORE_THRESHOLD = 0.3  # detections drawn on the example images score at least this
@@ -28,7 +29,7 @@ def draw_examples(
 ) -> list[Path]:
     """Draw the predictions of ``model`` on the first ``count`` images of ``dataset`` into ``folder``.
 
-    The model runs in eval mode on one image at a time (no padding) and is put back in its former mode.
+    The model runs in eval mode on one image at a time (no padding) ; ``evaluation_mode`` puts back its modes.
 
     Args:
         model: the detector, ``model(images [1,3,h,w], None) -> DetectionOutput``.
@@ -47,14 +48,12 @@ def draw_examples(
     from detr_kit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from detr_kit.visualize import draw_detections
 
-    was_training = model.training
-    model.eval()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     written = []
-    try:
+    with evaluation_mode(model):
         for index in range(min(count, len(dataset))):
             image, target = dataset[index]  # [3, h, w] normalised
             with autocast(device, amp):
@@ -67,8 +66,6 @@ def draw_examples(
             path = folder / f"epoch_{epoch:03d}_{int(target.image_id)}.png"
             drawn.save(path)
             written.append(path)
-    finally:
-        model.train(was_training)
     return written
 
 

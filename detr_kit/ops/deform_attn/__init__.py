@@ -44,8 +44,9 @@ def ms_deform_attn(
 
     Bilinear sampling with zero padding outside each map, ``align_corners=False`` on ``2 * loc - 1``
     (``F.grid_sample``), exactly as ``reference.ms_deform_attn_reference``. Under ``torch.autocast`` the
-    sampling and the weighted sum run in float32 and the result is cast to the autocast dtype; otherwise the
-    locations and weights are cast to the value's dtype. Non-finite locations: the gather kernel treats them as
+    sampling and the weighted sum run in float32 and the result is cast to the autocast dtype, as for a
+    float16/bfloat16 value on the CPU (cast back to the value's dtype); otherwise the locations and weights are cast
+    to the value's dtype. Non-finite locations: the gather kernel treats them as
     outside every map (zero contribution and gradient); ``grid_sample`` (reference, recompute) returns NaN.
 
     ``impl="auto"`` picks: the reference while tracing, exporting or compiling; on the CPU the gather kernel;
@@ -69,6 +70,10 @@ def ms_deform_attn(
     shapes = _checked_shapes(value, spatial_shapes, sampling_locations, attention_weights)
     kernel = _KERNELS[_choose_kernel(impl, value.device.type)]
     out_dtype = autocast_dtype(value.device.type)
+    if out_dtype is None and value.device.type == "cpu" and value.dtype in (torch.float16, torch.bfloat16):
+        # A .half()/.bfloat16() model on the CPU: sampled in float32 as under autocast (the locations need it, and
+        # the gather kernel's backward has no half-precision CPU form: torch.sparse.sampled_addmm).
+        out_dtype = value.dtype
     if out_dtype is None:
         dtype = value.dtype
         return kernel(value, shapes, sampling_locations.to(dtype), attention_weights.to(dtype))
