@@ -199,8 +199,8 @@ def torchvision_state_dict(name: str, weights: str) -> dict[str, Tensor]:
         except (OSError, RuntimeError) as err:  # URLError and timeouts are OSErrors; a bad hash is a RuntimeError
             reason = " ".join(str(err).split())[:160] or type(err).__name__
             raise CheckpointError(
-                f"backbone weights {name} {weights}: {path.name} is not in torch hub's cache and could not be "
-                f"downloaded ({type(err).__name__}: {reason})",
+                f"torchvision's {name} weights {weights} ({path.name}) are not in torch hub's cache and could not "
+                f"be downloaded ({type(err).__name__}: {reason})",
                 f"download {member.url} to {path}, or give a local state-dict file as the backbone weights",
             ) from err
     return read_state_dict(path)
