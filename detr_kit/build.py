@@ -28,18 +28,28 @@ def resolve_num_classes(cfg: ModelConfig, num_classes: int | None) -> int:
 
 
 def build_backbone(cfg: BackboneConfig, return_strides: tuple[int, ...]) -> nn.Module:
-    """A backbone returning one FeatureMap per stride in ``return_strides``."""
-    if cfg.name.startswith("resnet"):
-        from detr_kit.models.backbone.resnet import ResNetBackbone
+    """A backbone returning one FeatureMap per stride in ``return_strides``.
 
-        return ResNetBackbone(
-            cfg.name,
-            return_strides=return_strides,
-            dilation=cfg.dilation,
-            trainable_stages=cfg.trainable_stages,
-            norm=cfg.norm,
-            weights=cfg.weights,
-        )
+    Raises:
+        DetrKitError: the weights cannot be had (a missing or unreadable file, a weights name that is not in torch
+            hub's cache offline, weights of another network), naming ``model.backbone.weights``.
+    """
+    from detr_kit.config import RESNETS, VITS
+    from detr_kit.errors import DetrKitError
+
+    try:
+        if cfg.name in RESNETS:
+            from detr_kit.models.backbone.resnet import ResNetBackbone
+
+            return ResNetBackbone(cfg.name, return_strides=return_strides, dilation=cfg.dilation,
+                                  trainable_stages=cfg.trainable_stages, norm=cfg.norm, weights=cfg.weights)
+        if cfg.name not in VITS:
+            from detr_kit.models.backbone.torchvision_backbone import TorchvisionBackbone
+
+            return TorchvisionBackbone(cfg.name, return_strides=return_strides, trainable_stages=cfg.trainable_stages,
+                                       norm=cfg.norm, weights=cfg.weights)
+    except DetrKitError as err:
+        raise type(err)(f"model.backbone.weights: {err.what}", err.fix) from err
     from detr_kit.models.backbone.vit import ViTBackbone
 
     v = cfg.vit

@@ -22,6 +22,7 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, ge
 import yaml
 
 from detr_kit.errors import ConfigError
+from detr_kit.models.backbone.catalog import BOTTLENECK_RESNETS, RESNETS, VARIANTS
 
 T = TypeVar("T")
 
@@ -68,11 +69,19 @@ class ViTConfig:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | vit_tiny | vit_small | vit_base
-    weights: str | None = None  # torchvision weights name ("IMAGENET1K_V1", "DEFAULT") or a local file path
-    norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"  # frozen BN for pretrained weights; bn/gn from scratch
-    trainable_stages: int = 3  # ResNet: how many of (layer4, layer3, layer2, layer1, stem) train, 0..5
-    dilation: bool = False  # DC5: dilate the last stage instead of striding it
+    """The backbone, by torchvision's model name: ResNet (resnet18/34/50/101/152), ResNeXt (resnext50_32x4d,
+    resnext101_32x8d/64x4d), Wide-ResNet (wide_resnet50_2/101_2), RegNet (regnet_x_400mf .. regnet_y_128gf),
+    MobileNet (mobilenet_v2, mobilenet_v3_small/large), EfficientNet (efficientnet_b0 .. b7, efficientnet_v2_s/m/l),
+    ConvNeXt (convnext_tiny/small/base/large), Swin (swin_t/s/b, swin_v2_t/s/b); or a plain ViT (vit_tiny/small/base).
+    """
+
+    name: str = "resnet50"  # a torchvision classification model name (see above) or vit_tiny | vit_small | vit_base
+    weights: str | None = None  # torchvision weights name ("IMAGENET1K_V1", "DEFAULT"; offline: put the file in torch
+    # hub's cache, the error names it) or a local state-dict file of that torchvision model; null = random init
+    norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"  # replaces BatchNorm: frozen for pretrained weights; bn/gn
+    # from scratch. ConvNeXt and Swin keep their LayerNorms whatever this says
+    trainable_stages: int = 3  # how many of (C5, C4, C3, C2, stem) train, 0..5 (ResNet: layer4 .. layer1, stem)
+    dilation: bool = False  # DC5: dilate the last stage instead of striding it (bottleneck ResNets only)
     vit: ViTConfig = field(default_factory=ViTConfig)
 
 
@@ -237,8 +246,8 @@ class Config:
 # Validation of values that are well-typed but meaningless
 # --------------------------------------------------------------------------------------------------------------
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 VITS = ("vit_tiny", "vit_small", "vit_base")
+BACKBONES = (*RESNETS, *VARIANTS, *VITS)  # ResNetBackbone, TorchvisionBackbone, ViTBackbone
 
 
 def _validate(cfg: Config, source: str) -> None:
@@ -246,10 +255,10 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: {key}={value!r} is invalid", f"set {key} to {allowed}")
 
     m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
-    if m.backbone.name not in RESNETS + VITS:
-        close = difflib.get_close_matches(m.backbone.name, RESNETS + VITS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        fail("model.backbone.name", m.backbone.name, f"one of {', '.join(RESNETS + VITS)}{hint}")
+    if m.backbone.name not in BACKBONES:
+        close = difflib.get_close_matches(m.backbone.name, BACKBONES, n=1)
+        hint = f"{close[0]!r} (the closest name) or " if close else ""
+        fail("model.backbone.name", m.backbone.name, f"{hint}one of {', '.join(BACKBONES)}")
     if m.num_classes is not None and m.num_classes < 1:
         fail("model.num_classes", m.num_classes, "an integer >= 1, or null to take it from the dataset")
     for key in ("num_queries", "hidden_dim", "num_heads", "dim_feedforward", "num_encoder_layers", "num_decoder_layers"):
@@ -277,8 +286,9 @@ def _validate(cfg: Config, source: str) -> None:
             fail("model.hidden_dim", m.hidden_dim, "a multiple of 32 for Deformable-DETR (its input projections' GroupNorm has 32 groups)")
     if not 0 <= m.backbone.trainable_stages <= 5:
         fail("model.backbone.trainable_stages", m.backbone.trainable_stages, "0..5")
-    if m.backbone.name in VITS and m.backbone.dilation:
-        fail("model.backbone.dilation", True, "false for ViT backbones")
+    if m.backbone.dilation and m.backbone.name not in BOTTLENECK_RESNETS:
+        fail("model.backbone.dilation", True, f"false for {m.backbone.name} (DC5 needs a bottleneck ResNet: "
+             "resnet50 or deeper, ResNeXt or Wide-ResNet)")
     for key in ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "lr_linear_proj_mult"):
         value = getattr(t, key)
         if not math.isfinite(value) or value < 0:

@@ -4,8 +4,9 @@ same function (float64-tested against the plain modules) with less time and memo
 The model files are the definition: plain ``nn.LayerNorm``, ``nn.Dropout``, residuals and feed-forward blocks, as
 the papers write them. ``build_model`` applies ``optimize`` unless ``model.fast`` is false. What it replaces:
 
-- ResNet backbones: each bias-free convolution applies the frozen batch norm after it (``frozen_norm``), and the
-  body runs in channels-last memory (faster convolutions on CPU and with AMP on GPUs).
+- ResNet and torchvision backbones (RegNet, MobileNet, EfficientNet; ConvNeXt and Swin have no batch norm): each
+  bias-free convolution applies the frozen batch norm after it (``frozen_norm``), and convolutional bodies (all but
+  Swin's) run in channels-last memory (faster convolutions on CPU and with AMP on GPUs).
 - Transformer layers (DETR and Deformable-DETR): dropout that keeps a seed instead of a mask, a fused ReLU-dropout
   and a row-chunked feed-forward block, residual sums in place without autograd; Deformable-DETR's encoder norms
   keep their output instead of their input, its feed-forward blocks are optionally recomputed in backward, and its
@@ -30,6 +31,7 @@ from detr_kit.fast.layers import (
     FastTransformerEncoderLayer,
 )
 from detr_kit.models.backbone.resnet import ResNetBackbone
+from detr_kit.models.backbone.torchvision_backbone import TorchvisionBackbone
 from detr_kit.models.deformable import DeformableDecoderLayer, DeformableEncoder, DeformableEncoderLayer
 from detr_kit.models.transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
@@ -58,9 +60,10 @@ def optimize(model: nn.Module, ffn_checkpointing: bool = True) -> nn.Module:
     Returns:
         ``model``, which computes the same function and loads and saves the same state dicts.
     """
-    for backbone in [m for m in model.modules() if type(m) is ResNetBackbone]:
+    for backbone in [m for m in model.modules() if type(m) in (ResNetBackbone, TorchvisionBackbone)]:
         fold_frozen_norms(backbone.body)
-        backbone.body.to(memory_format=torch.channels_last)
+        if type(backbone) is ResNetBackbone or backbone.convolutional:  # not Swin, which runs on [B, H, W, C] tokens
+            backbone.body.to(memory_format=torch.channels_last)
     for encoder in [m for m in model.modules() if type(m) is DeformableEncoder]:
         checkpointed = ffn_checkpointing and not encoder.activation_checkpointing
         _replace_children(encoder, {DeformableEncoderLayer: lambda layer: FastDeformableEncoderLayer(layer, checkpointed)})

@@ -1,10 +1,13 @@
-"""A ResNet's frozen batch norms applied by the convolutions before them: one pass instead of two.
+"""Frozen batch norms applied by the convolutions before them: one pass instead of two.
 
 A frozen batch norm is affine, so ``norm(conv(x, W)) == conv(x, W * scale) + shift``: one convolution with a
 scaled weight and the shift as its bias, instead of a convolution and a full pass over its output (and, in
 training, a second pass over its gradient). ``fold_frozen_norms`` replaces each bias-free ``Conv2d`` followed by a
 ``FrozenBatchNorm2d`` with a ``FrozenNormConv2d`` (the same weight) and the norm with a ``FoldedFrozenBatchNorm2d``
-that keeps the statistics (the same buffers and state-dict keys) and passes its input through.
+that keeps the statistics (the same buffers and state-dict keys) and passes its input through. The pairs are those
+whose convolution output feeds the norm alone: ResNet blocks' ``convN``/``bnN``, and adjacent children of an
+``nn.Sequential`` (ResNet's ``downsample``; torchvision's ``Conv2dNormActivation``, which RegNet, MobileNet and
+EfficientNet are built of; MobileNetV2's projection).
 """
 
 from __future__ import annotations
@@ -102,21 +105,23 @@ class FrozenNormConv2d(nn.Module):
 
 
 def _pairs(body: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    """(parent, conv name, norm name) of every conv followed by its norm in a torchvision ResNet body."""
+    """(parent, conv name, norm name) of every conv whose output only its norm reads, in a torchvision body."""
     pairs = []
     for module in body.modules():
-        for index in (1, 2, 3):
+        for index in (1, 2, 3):  # ResNet's BasicBlock / Bottleneck (and its stem): bnN(convN(x))
             if hasattr(module, f"conv{index}") and hasattr(module, f"bn{index}"):
                 pairs.append((module, f"conv{index}", f"bn{index}"))
-        downsample = getattr(module, "downsample", None)
-        if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
-            pairs.append((downsample, "0", "1"))
+        if isinstance(module, nn.Sequential):  # each child feeds the next one alone
+            names = list(module._modules)
+            pairs.extend((module, first, second) for first, second in zip(names, names[1:])
+                         if isinstance(module._modules[first], nn.Conv2d) and isinstance(module._modules[second], FrozenBatchNorm2d))
     return pairs
 
 
 def fold_frozen_norms(body: nn.Module) -> int:
-    """Replace every bias-free ``Conv2d`` + ``FrozenBatchNorm2d`` pair of a torchvision ResNet ``body`` (the stem's
-    ``conv1``/``bn1``, each block's ``convN``/``bnN`` and ``downsample``) by a FrozenNormConv2d and a folded norm.
+    """Replace every bias-free ``Conv2d`` + ``FrozenBatchNorm2d`` pair of a torchvision ``body`` (a ResNet's stem
+    ``conv1``/``bn1``, each block's ``convN``/``bnN`` and ``downsample``; the convolution and norm of each
+    ``Conv2dNormActivation`` and other Sequentials) by a FrozenNormConv2d and a folded norm.
 
     Returns:
         The number of pairs folded.

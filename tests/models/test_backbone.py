@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from detr_kit.errors import CheckpointError
 from detr_kit.models.backbone.padding import run_backbone
 from detr_kit.models.backbone.resnet import FrozenBatchNorm2d, ResNetBackbone
 
@@ -49,9 +50,9 @@ def test_load_torchvision_state_dict_from_file(tmp_path):
     del broken["layer1.0.conv1.weight"]
     broken["extra.weight"] = torch.zeros(1)
     torch.save(broken, path)
-    with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight.*extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"layer1\.0\.conv1\.weight.*extra\.weight"):
         ResNetBackbone("resnet18", weights=str(path))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="missing.pth' does not exist"):
         ResNetBackbone("resnet18", weights=str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="IMAGENET1K_V1"):
         ResNetBackbone("resnet18", weights="NOT_A_WEIGHTS_NAME")

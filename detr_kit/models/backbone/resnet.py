@@ -1,4 +1,4 @@
-"""torchvision ResNets as multi-level detection backbones, with DETR's frozen batch norm.
+"""torchvision ResNets (ResNet, ResNeXt, Wide-ResNet) as multi-level detection backbones, with DETR's frozen batch norm.
 
 The torchvision module names are kept (``body.conv1``, ``body.bn1``, ``body.layer1`` .. ``body.layer4``) so that
 torchvision, DETR and Deformable-DETR checkpoints map onto them with a plain key prefix.
@@ -6,7 +6,6 @@ torchvision, DETR and Deformable-DETR checkpoints map onto them with a plain key
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -14,7 +13,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from detr_kit.models.backbone.weights import LoadReport, match_state_dict, read_state_dict, torchvision_state_dict
+from detr_kit.errors import CheckpointError
+from detr_kit.models.backbone.weights import LoadReport, backbone_state_dict, load_body_state_dict
 from detr_kit.structures import FeatureMap
 
 _STAGES = ("layer2", "layer3", "layer4")  # C3, C4, C5
@@ -23,6 +23,12 @@ _CHANNELS = {  # output channels of (layer2, layer3, layer4)
     "resnet34": (128, 256, 512),
     "resnet50": (512, 1024, 2048),
     "resnet101": (512, 1024, 2048),
+    "resnet152": (512, 1024, 2048),
+    "resnext50_32x4d": (512, 1024, 2048),  # ResNeXt and Wide-ResNet: the same ResNet with wider or grouped 3x3s
+    "resnext101_32x8d": (512, 1024, 2048),
+    "resnext101_64x4d": (512, 1024, 2048),
+    "wide_resnet50_2": (512, 1024, 2048),
+    "wide_resnet101_2": (512, 1024, 2048),
 }
 _NORMS = ("frozen_bn", "bn", "gn")
 _GN_GROUPS = 32
@@ -81,36 +87,27 @@ def load_resnet_state_dict(body: nn.Module, state_dict: Mapping[str, Tensor]) ->
     Returns:
         LoadReport with the keys ``body`` needs but did not get, the keys it could not use, and shape mismatches.
     """
-    own = body.state_dict()
     dropped = tuple(f"{name}." for name in ("layer1", "layer2", "layer3", "layer4") if not hasattr(body, name))
-    kept = {
-        key: value
-        for key, value in state_dict.items()
-        if not (key.startswith("fc.") or key.endswith("num_batches_tracked") or key.startswith(dropped))
-    }
-    usable, unexpected, mismatched = match_state_dict(kept, own)
-    missing = [key for key in own if key not in usable and not key.endswith("num_batches_tracked")]
-    missing = [key for key in missing if not any(m.startswith(key + ":") for m in mismatched)]
-    body.load_state_dict(usable, strict=False)
-    return LoadReport(missing, unexpected, mismatched)
+    return load_body_state_dict(body, state_dict, ignored=("fc.", *dropped))
 
 
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet returning C3/C4/C5 feature maps with their padding masks.
 
     Args:
-        name: resnet18 | resnet34 | resnet50 | resnet101.
+        name: resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | resnext50_32x4d | resnext101_32x8d |
+            resnext101_64x4d | wide_resnet50_2 | wide_resnet101_2 (torchvision's names).
         return_strides: output strides to return, ascending, from (8, 16, 32) for C3, C4, C5. With
             ``dilation=True`` C5 has stride 16, so the strides on offer are C3 8, C4 16, C5 16: a stride listed
             once takes the deepest stage with that stride (``(16,)`` is DC5's C5), ``(8, 16, 16)`` is C3, C4, C5.
-        dilation: dilate layer4 instead of striding it (DETR-DC5); resnet50/101 only.
+        dilation: dilate layer4 instead of striding it (DETR-DC5); bottleneck networks only (not resnet18/34).
         trainable_stages: how many of (layer4, layer3, layer2, layer1, stem) train, 0..5. DETR trains 3 (layer2-4),
             freezing the stem and layer1. Frozen stages get ``requires_grad_(False)`` and their norm layers stay
             in eval mode, so batch norm statistics of a frozen stage never change.
         norm: "frozen_bn" (DETR; right for pretrained weights), "bn" (BatchNorm2d) or "gn" (GroupNorm, 32 groups).
-        weights: None (random init), a torchvision weights name such as "IMAGENET1K_V1"/"DEFAULT" (downloads on
-            first use), or a local file with a torchvision ResNet state dict (optionally under 'model' or
-            'state_dict').
+        weights: None (random init), a torchvision weights name such as "IMAGENET1K_V1"/"DEFAULT" (read from torch
+            hub's cache, downloaded on first use), or a local file with a torchvision ResNet state dict (optionally
+            under 'model' or 'state_dict'; ``fc`` is ignored).
 
     Attributes:
         channels: output channels per returned level, in return order.
@@ -118,7 +115,9 @@ class ResNetBackbone(nn.Module):
         load_report: the LoadReport of the weights, or None without weights.
 
     Raises:
-        ValueError: an unknown name/norm, bad strides or trainable_stages, or weights that do not fit the model.
+        ValueError: an unknown name/norm, bad strides or trainable_stages (ConfigError: an unknown weights name).
+        CheckpointError: a weights file that does not exist, cannot be read or does not fit the model; named
+            weights that are not in torch hub's cache and cannot be downloaded.
     """
 
     def __init__(
@@ -138,7 +137,7 @@ class ResNetBackbone(nn.Module):
         if not 0 <= trainable_stages <= 5:
             raise ValueError(f"trainable_stages must be in 0..5 (layer4, layer3, layer2, layer1, stem), got {trainable_stages}")
         if dilation and name in ("resnet18", "resnet34"):
-            raise ValueError(f"dilation=True (DC5) needs a bottleneck ResNet (resnet50/resnet101), got {name}")
+            raise ValueError(f"dilation=True (DC5) needs a bottleneck ResNet (resnet50 or deeper), got {name}")
         stage_strides = (8, 16, 16) if dilation else (8, 16, 32)
         self.stage_indices = _select_stages(tuple(return_strides), stage_strides, dilation)
         self.channels = tuple(_CHANNELS[name][i] for i in self.stage_indices)
@@ -155,20 +154,12 @@ class ResNetBackbone(nn.Module):
 
         self.load_report: LoadReport | None = None
         if weights is not None:
-            if Path(weights).is_file():
-                state_dict = read_state_dict(weights)
-            elif weights.endswith((".pth", ".pt", ".bin")) or "/" in weights:
-                raise FileNotFoundError(f"backbone weights file not found: {weights}")
-            else:
-                state_dict = torchvision_state_dict(name, weights)
-            self.load_report = load_resnet_state_dict(body, state_dict)
+            self.load_report = load_resnet_state_dict(body, backbone_state_dict(name, weights))
             if not self.load_report.ok:
-                raise ValueError(
-                    f"backbone weights {weights!r} do not fit {name} with norm={norm!r}: "
-                    f"missing {self.load_report.missing[:8]}{' ...' if len(self.load_report.missing) > 8 else ''}, "
-                    f"unexpected {self.load_report.unexpected[:8]}{' ...' if len(self.load_report.unexpected) > 8 else ''}, "
-                    f"shape mismatches {self.load_report.mismatched[:8]}"
-                )
+                raise CheckpointError(f"backbone weights {weights!r} do not fit {name} with norm={norm!r}: "
+                                      f"{self.load_report.summary()}",
+                                      f"give weights saved from torchvision's {name} (BatchNorm weights need norm "
+                                      "frozen_bn or bn)")
 
         stages = [n for n in ("layer4", "layer3", "layer2", "layer1") if hasattr(body, n)]
         frozen_names = ["layer4", "layer3", "layer2", "layer1", "stem"][trainable_stages:]

@@ -1,20 +1,27 @@
-"""Backbone weights: reading state-dict files, matching them against a model, torchvision's named weights, and
-ViT checkpoints (torchvision and timm/DeiT layouts, position tables fitted to another patch grid).
+"""Backbone weights: reading state-dict files, matching them against a model, torchvision's named weights (from
+torch hub's cache, downloaded when missing), and ViT checkpoints (torchvision and timm/DeiT layouts, position tables
+fitted to another patch grid).
 
 The backbones and ``detr_kit.compat`` import this module; it imports neither (a model is only duck-typed here).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Protocol
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
+
+from detr_kit.errors import CheckpointError, ConfigError, PickledCodeError, checkpoint_load_error
+
+_WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 class ViTLike(Protocol):
@@ -48,6 +55,12 @@ class LoadReport(NamedTuple):
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    def summary(self, limit: int = 6) -> str:
+        """The first ``limit`` keys of each kind, for an error message."""
+        parts = [(kind, keys) for kind, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                                                 ("shape mismatches", self.mismatched)) if keys]
+        return "; ".join(f"{kind} {keys[:limit]}{' ...' if len(keys) > limit else ''}" for kind, keys in parts)
+
 
 def read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, Tensor]:
     """Read a state dict from a file or mapping.
@@ -61,25 +74,36 @@ def read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, Tensor]
         The state dict (key -> tensor).
 
     Raises:
-        FileNotFoundError: the path does not exist.
-        TypeError: the content is not a state dict.
+        CheckpointError: the path does not exist, the file cannot be read, or it holds no state dict.
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"backbone weights file not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            raise CheckpointError(f"backbone weights file {str(path)!r} does not exist",
+                                  "give the path of an existing state-dict file")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            return load_file(str(path))
-        source = torch.load(path, map_location="cpu", weights_only=True)
+                source = load_file(str(path))
+            else:
+                source = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 -- any unreadable file is the user's input, named as such
+            error = checkpoint_load_error(path, err)
+            fix = "save the tensors alone: torch.save(model.state_dict(), path)" if isinstance(error, PickledCodeError) else error.fix
+            raise CheckpointError(f"backbone weights: {error.what}", fix) from err
     if not isinstance(source, Mapping):
-        raise TypeError(f"backbone weights must be a state dict (a mapping), got {type(source).__name__}")
+        raise CheckpointError(f"backbone weights {_name(source)} hold a {type(source).__name__}, not a state dict",
+                              "give a file saved with torch.save(model.state_dict(), path)")
     for key in ("model", "state_dict"):
         if key in source and isinstance(source[key], Mapping):
             source = source[key]
             break
     return {k: v for k, v in source.items() if isinstance(v, Tensor)}
+
+
+def _name(source: Any) -> str:
+    return repr(str(source)) if isinstance(source, (str, Path)) else "(the object given)"
 
 
 def match_state_dict(
@@ -103,18 +127,83 @@ def match_state_dict(
     return usable, unexpected, mismatched
 
 
+def load_body_state_dict(body: nn.Module, state_dict: Mapping[str, Tensor], ignored: tuple[str, ...] = ()) -> LoadReport:
+    """Copy the entries of a torchvision state dict that fit into ``body`` (a torchvision network, pruned).
+
+    Args:
+        body: the network the backbone runs, its classifier and unused stages removed.
+        state_dict: torchvision key names.
+        ignored: key prefixes to pass over (the classifier, the stages ``body`` dropped); ``num_batches_tracked``
+            is always passed over.
+
+    Returns:
+        LoadReport with the keys ``body`` needs but did not get, the keys it could not use, and shape mismatches.
+    """
+    own = body.state_dict()
+    kept = {k: v for k, v in state_dict.items() if not (k.startswith(ignored) or k.endswith("num_batches_tracked"))}
+    usable, unexpected, mismatched = match_state_dict(kept, own)
+    missing = [key for key in own if key not in usable and not key.endswith("num_batches_tracked")]
+    missing = [key for key in missing if not any(m.startswith(key + ":") for m in mismatched)]
+    body.load_state_dict(usable, strict=False)
+    return LoadReport(missing, unexpected, mismatched)
+
+
+def backbone_state_dict(name: str, weights: str) -> dict[str, Tensor]:
+    """The state dict that ``weights`` names for torchvision's network ``name``.
+
+    Args:
+        name: the torchvision model name (``resnet50``, ``mobilenet_v3_large``, ...).
+        weights: a local file (a torchvision state dict, optionally under ``'model'``/``'state_dict'``) or a
+            torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``, ...).
+
+    Raises:
+        CheckpointError: a file path that does not exist or cannot be read; named weights that are neither in
+            torch hub's cache nor downloadable.
+        ConfigError: neither a file nor a weights name of ``name``.
+    """
+    if Path(weights).is_file():
+        return read_state_dict(weights)
+    if weights.endswith(_WEIGHT_FILE_SUFFIXES) or "/" in weights or "\\" in weights:
+        raise CheckpointError(f"backbone weights file {weights!r} does not exist",
+                              "give the path of an existing state-dict file, or a torchvision weights name such as DEFAULT")
+    return torchvision_state_dict(name, weights)
+
+
+def torch_hub_file(url: str) -> Path:
+    """Where torch hub keeps the download of ``url``: ``torch.hub.get_dir()/checkpoints/<file name of the url>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
 def torchvision_state_dict(name: str, weights: str) -> dict[str, Tensor]:
-    """Download (or read from torch's cache) the torchvision weights ``weights`` of ``name``."""
+    """The torchvision weights ``weights`` of network ``name``: read from torch hub's cache, downloaded if absent.
+
+    Raises:
+        ConfigError: ``weights`` is not a weights name of ``name``.
+        CheckpointError: the file is not in the cache and cannot be downloaded (offline), naming the file, its url
+            and where to put it; or the cached file cannot be read.
+    """
     enum = torchvision.models.get_model_weights(name)
     try:
         member = enum[weights]
     except KeyError:
-        valid = ["DEFAULT", *enum.__members__]
-        raise ValueError(
-            f"weights={weights!r} is neither an existing file nor a torchvision weights name of {name}; "
-            f"valid names: {', '.join(dict.fromkeys(valid))}"
-        ) from None
-    return member.get_state_dict(progress=True)
+        valid = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
+        raise ConfigError(f"backbone weights {weights!r} are neither an existing file nor a torchvision weights name of {name}",
+                          f"give a state-dict file or one of {valid}") from None
+    path = torch_hub_file(member.url)
+    if not path.is_file():
+        hash_match = torch.hub.HASH_REGEX.search(path.name)
+        logging.getLogger(__name__).info("downloading %s to %s", member.url, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(member.url, str(path), hash_match.group(1) if hash_match else None, progress=True)
+        except (OSError, RuntimeError) as err:  # URLError and timeouts are OSErrors; a bad hash is a RuntimeError
+            reason = " ".join(str(err).split())[:160] or type(err).__name__
+            raise CheckpointError(
+                f"torchvision's {name} weights {weights} ({path.name}) are not in torch hub's cache and could not "
+                f"be downloaded ({type(err).__name__}: {reason})",
+                f"download {member.url} to {path}, or give a local state-dict file as the backbone weights",
+            ) from err
+    return read_state_dict(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -281,11 +370,14 @@ def load_vit_weights(backbone: ViTLike, source: str | Path | Mapping[str, Tensor
 __all__ = [
     "LoadReport",
     "ViTLike",
+    "backbone_state_dict",
     "convert_vit_state_dict",
     "fit_position_table",
+    "load_body_state_dict",
     "load_vit_weights",
     "match_state_dict",
     "read_state_dict",
     "resize_position_embedding",
+    "torch_hub_file",
     "torchvision_state_dict",
 ]
