@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from detr_kit.config import BackboneConfig, Config, ModelConfig
+
+if TYPE_CHECKING:  # torch is imported by the builders that need it, so the dataset doctor starts without it
+    from torch import nn
+
+    from detr_kit.structures import LabelMap
 
 # ---------------------------------------------------------------------------------------------- model
 
@@ -187,7 +191,6 @@ from typing import Literal, Sequence  # noqa: E402
 
 from detr_kit.config import DataConfig  # noqa: E402
 from detr_kit.errors import ConfigError, DatasetError  # noqa: E402
-from detr_kit.structures import LabelMap  # noqa: E402
 
 COCO_HELP = (
     "point data.root at your COCO-format data (data.train_images, data.train_annotations, data.val_images and "
