@@ -216,3 +216,17 @@ def test_yolo_layout_problems_are_one_line_each(tmp_path):
         assert [p.kind for p in report.problems] == ["layout"] and expected in report.problems[0].message, text
     (tmp_path / "data.yaml").write_text("train: images\nval: images\nnc: 2\n")
     assert json.loads(json.dumps(check_split("yolo", tmp_path, "val", ()).histogram)) == {}  # names class_0, class_1
+
+
+def test_roboflow_export_layout(tmp_path):
+    """Roboflow writes data.yaml beside train/ and valid/ with '../train/images' paths and no 'path' key."""
+    for split, name in (("train", "a"), ("valid", "b")):
+        _png(tmp_path / split / "images" / f"{name}.png")
+        (tmp_path / split / "labels").mkdir(parents=True)
+        (tmp_path / split / "labels" / f"{name}.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\nnc: 2\nnames: ['ant', 'bee']\n")
+    train, val = build_datasets(Config().replace([f"data.root={tmp_path}", "data.eval_size=20", "data.max_size=40",
+                                                  "data.train_scales=[20]", "data.crop_resize_scales=[]"]))
+    assert [img["file_name"] for img in val.coco.dataset["images"]] == ["valid/images/b.png"]
+    assert val.label_map == LabelMap((0, 1), ("ant", "bee")) and train.label_map == val.label_map
+    assert val.coco.dataset["annotations"][0]["bbox"] == [10.0, 5.0, 20.0, 10.0] and val[0][1].labels.tolist() == [1]
