@@ -154,9 +154,9 @@ def run_dataset(args: argparse.Namespace) -> int:
     from detr_kit.errors import DatasetError
 
     cfg = load_config(args.config) if args.config else Config()
-    keys = [*([f"data.root={args.root}"] if args.root is not None else []),
-            *([f"data.dataset={args.format}"] if args.format else []), *args.overrides]
-    data_cfg = cfg.replace(keys, source="the command line").data
+    data_cfg = cfg.replace(args.overrides, source="the command line").data
+    flags = {"root": str(args.root)} if args.root is not None else {}  # taken as given, not parsed as YAML
+    data_cfg = dataclasses.replace(data_cfg, **flags, **({"dataset": args.format} if args.format else {}))
     if data_cfg.dataset == "synthetic":
         raise DatasetError("data.dataset=synthetic: detr_kit generates that dataset; there is nothing to check",
                            "pass your dataset's folder with --root")

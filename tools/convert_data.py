@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from detr_kit.engine.outputs import atomic_output, check_output_file
     from detr_kit.errors import DatasetError
 
-    overrides = [f"data.root={args.root}", f"data.dataset={args.format}", *args.overrides]
-    data_cfg = Config().replace(overrides, source="the command line").data
+    data_cfg = Config().replace(args.overrides, source="the command line").data
+    data_cfg = dataclasses.replace(data_cfg, root=args.root, dataset=args.format)  # the path as given, not YAML
     outputs = {split: check_output_file(args.out_dir / f"instances_{split}.json", "--out-dir", args.overwrite)
                for split in ("train", "val")}  # before the dataset is read
     data_cfg = dataclasses.replace(data_cfg, dataset=build.resolve_format(data_cfg))

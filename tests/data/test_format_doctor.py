@@ -230,3 +230,21 @@ def test_roboflow_export_layout(tmp_path):
     assert [img["file_name"] for img in val.coco.dataset["images"]] == ["valid/images/b.png"]
     assert val.label_map == LabelMap((0, 1), ("ant", "bee")) and train.label_map == val.label_map
     assert val.coco.dataset["annotations"][0]["bbox"] == [10.0, 5.0, 20.0, 10.0] and val[0][1].labels.tolist() == [1]
+
+
+def test_yolo_fractions_are_of_the_exif_upright_image(tmp_path):
+    upright = np.zeros((40, 24, 3), np.uint8)  # h=40, w=24 as displayed; the object at xywh [2, 5, 10, 10]
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # the camera stored 24 h x 40 w
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise, which undoes ROTATE_90
+    (tmp_path / "images").mkdir()
+    stored.save(tmp_path / "images" / "rot.jpg", exif=exif.tobytes())
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "rot.txt").write_text(f"0 {7 / 24} {10 / 40} {10 / 24} {10 / 40}\n")
+    (tmp_path / "data.yaml").write_text("train: images\nval: images\nnames: [thing]\n")
+    report = check_split("yolo", tmp_path, "val", ())
+    assert not report.problems
+    dataset = build_dataset(Config().replace([f"data.root={tmp_path}"]).data, "val")
+    (image,) = dataset.coco.dataset["images"]
+    assert (image["width"], image["height"]) == (24, 40)
+    assert dataset.coco.dataset["annotations"][0]["bbox"] == pytest.approx([2, 5, 10, 10])
