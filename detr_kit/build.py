@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from detr_kit.config import BackboneConfig, Config, ModelConfig
+
+if TYPE_CHECKING:  # torch is imported by the builders that need it, so the dataset doctor starts without it
+    from torch import nn
+
+    from detr_kit.structures import LabelMap
 
 # ---------------------------------------------------------------------------------------------- model
 
@@ -187,17 +191,25 @@ def build_postprocessor(cfg: Config | ModelConfig) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- data
 
-from pathlib import Path  # noqa: E402  (the data section's own imports)
+import dataclasses  # noqa: E402  (the data section's own imports)
+import json  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Literal, Sequence  # noqa: E402
 
 from detr_kit.config import DataConfig  # noqa: E402
-from detr_kit.errors import DatasetError  # noqa: E402
-from detr_kit.structures import LabelMap  # noqa: E402
+from detr_kit.errors import ConfigError, DatasetError  # noqa: E402
 
 COCO_HELP = (
     "point data.root at your COCO-format data (data.train_images, data.train_annotations, data.val_images and "
     "data.val_annotations are relative to it), or get COCO 2017 from https://cocodataset.org/#download "
     "(data.dataset=synthetic needs no download)"
+)
+AUTO_HELP = (
+    "point data.root at your dataset's folder (COCO jsons, a YOLO data.yaml, or Pascal VOC's Annotations/ and "
+    "JPEGImages/), or get COCO 2017 from https://cocodataset.org/#download (data.dataset=synthetic needs no download)"
 )
 
 
@@ -264,48 +276,120 @@ def _ensure_synthetic(data_cfg: DataConfig) -> Path:
 
 
 Split = Literal["train", "val"]
+COCO_KEYS = ("train_images", "train_annotations", "val_images", "val_annotations")
+
+
+def announce(line: str) -> None:
+    """Tell the user one line on stderr, from the first process of a run only (torchrun sets RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+
+
+def resolve_format(data_cfg: DataConfig) -> str:
+    """``data.dataset``, or with ``auto`` the format of data.root's files, said in one line.
+
+    Raises:
+        DatasetError: with ``auto``, data.root does not exist or holds no known format (the line lists what was
+            looked for).
+    """
+    if data_cfg.dataset != "auto":
+        return data_cfg.dataset
+    from detr_kit.data.formats import detect_format
+
+    fmt, line = detect_format(data_cfg.root, [getattr(data_cfg, key) for key in COCO_KEYS], AUTO_HELP)
+    announce(line)
+    return fmt
 
 
 def dataset_files(data_cfg: DataConfig, splits: Sequence[Split]) -> dict[str, tuple[Path, Path]]:
-    """(image folder, annotation json) of each split; the synthetic dataset is generated first if it is not there.
+    """(image folder, annotation json) of each split of a COCO-format dataset; the synthetic one is generated first.
 
     Raises:
         DatasetError: a folder or file is missing (all of the splits' at once; the message says where they are
-            expected and how to get them), or data.root holds a user's files and data.dataset is synthetic.
+            expected and how to get them), data.root holds a user's files and data.dataset is synthetic, or the
+            dataset is YOLO or VOC (no json: ``build_dataset`` reads those).
     """
     d = data_cfg
+    fmt = resolve_format(d)
     names = {"train": (d.train_images, d.train_annotations), "val": (d.val_images, d.val_annotations)}
-    if d.dataset == "synthetic":
+    if fmt == "synthetic":
         root = _ensure_synthetic(d)
         return {split: tuple(root / _SYNTHETIC_NAMES.get(n, n) for n in names[split]) for split in splits}
     root = Path(d.root)
+    if fmt != "coco":
+        raise DatasetError(f"data.root={root} is a {fmt} dataset, without COCO jsons",
+                           f"write them with: python tools/convert_data.py --root {shlex.quote(str(root))} --out-dir DIR")
     if not root.is_dir():
         raise DatasetError(f"data.root={root}: dataset not found (no folder {root})", COCO_HELP)
     wanted = list(dict.fromkeys(n for split in splits for n in names[split]))
     missing = [n for n in wanted if not (root / n).exists()]
     if missing:
-        raise DatasetError(f"data.root={root}: dataset not found (missing {', '.join(missing)} in it)", COCO_HELP)
+        from detr_kit.data.formats import FORMAT_NAMES, found_format
+
+        other = found_format(root, [])
+        hint = f"; it holds a {FORMAT_NAMES[other[0]]} dataset: set data.dataset=auto" if other and other[0] != "coco" else ""
+        raise DatasetError(f"data.root={root}: dataset not found (missing {', '.join(missing)} in it{hint})", COCO_HELP)
     return {split: (root / names[split][0], root / names[split][1]) for split in splits}
 
 
 def build_dataset(data_cfg: DataConfig, split: Split, train: bool = False, label_map: LabelMap | None = None):
     """One split of ``data_cfg``'s dataset, with the training augmentation (``train``) or the evaluation resize.
 
+    COCO reads the split's json; YOLO and VOC read their files into the same COCO-format records (``data/formats.py``),
+    so every format gives the same dataset class and the same evaluation.
+
     Args:
         data_cfg: the data section of the config.
-        split: "train" or "val": which images and annotations.
-        train: True for training targets and augmentation; False for evaluation (crowd boxes kept, eval resize).
+        split: "train" or "val": which images and annotations (YOLO/VOC: data.train_split / data.val_split).
+        train: True for training targets and augmentation; False for evaluation (crowd and VOC difficult boxes
+            kept as ignored regions, eval resize).
         label_map: the label map to keep (a checkpoint's, or the train split's for the val split); None = from
-            the split's own json.
+            the split's own categories.
 
     Raises:
-        DatasetError: see ``dataset_files``; or the json has problems (all of them in one message).
+        DatasetError: see ``dataset_files`` and ``resolve_format``; or the split has problems (all of them in one
+            message).
+        ConfigError: data.classes is set for a dataset that is not VOC.
     """
     from detr_kit.data.coco import CocoDetection
 
-    images, annotations = dataset_files(data_cfg, [split])[split]
+    data_cfg = dataclasses.replace(data_cfg, dataset=resolve_format(data_cfg))
+    check_classes_key(data_cfg)
     transforms = build_transforms(data_cfg, train)
-    return CocoDetection(images, annotations, transforms, train, label_map, data_cfg.on_bad_image)
+    if data_cfg.dataset in ("coco", "synthetic"):
+        images, annotations = dataset_files(data_cfg, [split])[split]
+        return CocoDetection(images, annotations, transforms, train, label_map, data_cfg.on_bad_image)
+    from detr_kit.data.formats import load_checked_split
+
+    source = load_checked_split(data_cfg.dataset, data_cfg.root, _split_name(data_cfg, split), data_cfg.classes,
+                                root_doctor_command(data_cfg), skip_unreadable=data_cfg.on_bad_image == "skip")
+    return CocoDetection(source.image_dir, source.data, transforms, train, label_map, data_cfg.on_bad_image)
+
+
+def check_classes_key(data_cfg: DataConfig) -> None:
+    """Refuse data.classes for a dataset whose classes are not Pascal VOC's (``data_cfg.dataset`` is resolved).
+
+    Raises:
+        ConfigError: data.classes is set and the dataset is not VOC.
+    """
+    if data_cfg.classes and data_cfg.dataset != "voc":
+        raise ConfigError(f"data.classes={list(data_cfg.classes)} is set, but data.root={data_cfg.root} is a "
+                          f"{data_cfg.dataset} dataset", "leave data.classes empty: it orders Pascal VOC's classes "
+                          "(YOLO's come from data.yaml's names, COCO's from the json's categories)")
+
+
+def _split_name(data_cfg: DataConfig, split: Split) -> str:
+    return data_cfg.train_split if split == "train" else data_cfg.val_split
+
+
+def root_doctor_command(data_cfg: DataConfig) -> str:
+    """The dataset doctor's command for a YOLO or VOC dataset (with the data keys that differ from the defaults)."""
+    default = DataConfig()
+    keys = [f"data.{key}={value}" for key in ("train_split", "val_split") if (value := getattr(data_cfg, key))
+            != getattr(default, key)]
+    if data_cfg.classes:
+        keys.append(f"data.classes={json.dumps(list(data_cfg.classes))}")
+    return " ".join(["python tools/check_data.py --root", shlex.quote(data_cfg.root), *map(shlex.quote, keys)])
 
 
 def build_datasets(cfg: Config, label_map: LabelMap | None = None):
@@ -313,36 +397,44 @@ def build_datasets(cfg: Config, label_map: LabelMap | None = None):
 
     Args:
         cfg: the full config.
-        label_map: a checkpoint's label map to keep (fine-tuning); None = from the train json.
+        label_map: a checkpoint's label map to keep (fine-tuning); None = from the train split.
     Raises:
         DatasetError: as ``build_dataset``, for both splits in one message.
     """
-    failed: list[tuple[DatasetError, Path]] = []  # both splits are checked before one error lists every problem
-    files = dataset_files(cfg.data, ["train", "val"])
+    data_cfg = dataclasses.replace(cfg.data, dataset=resolve_format(cfg.data))  # found (and said) once
+    if data_cfg.dataset in ("coco", "synthetic"):
+        files = dataset_files(data_cfg, ["train", "val"])  # every missing folder or file of both splits in one message
+        same_source = files["train"] == files["val"]
+    else:
+        same_source = data_cfg.train_split == data_cfg.val_split
+    failed: list[tuple[DatasetError, Split]] = []  # both splits are checked before one error lists every problem
     train = val = None
     try:
-        train = build_dataset(cfg.data, "train", True, label_map)
+        train = build_dataset(data_cfg, "train", True, label_map)
     except DatasetError as err:
-        failed.append((err, files["train"][1]))
+        failed.append((err, "train"))
     try:
-        val = build_dataset(cfg.data, "val", False, train.label_map if train is not None else label_map)
+        val = build_dataset(data_cfg, "val", False, train.label_map if train is not None else label_map)
     except DatasetError as err:
-        if files["val"][1] != files["train"][1]:  # the same json for both splits: its problems once
-            failed.append((err, files["val"][1]))
+        if not (failed and same_source):  # the same files for both splits: their problems once
+            failed.append((err, "val"))
     if failed:
-        raise _one_dataset_error(failed, {json_file: images for images, json_file in files.values()})
+        raise _one_dataset_error(failed, data_cfg)
     return train, val
 
 
-def _one_dataset_error(failed: list[tuple[DatasetError, Path]], image_dirs: dict[Path, Path]) -> DatasetError:
-    """One DatasetError for the problems of both splits: each problem prefixed with its json, each fix once."""
+def _one_dataset_error(failed: list[tuple[DatasetError, Split]], data_cfg: DataConfig) -> DatasetError:
+    """One DatasetError for the problems of both splits: each problem prefixed with its file or split, each fix once."""
     if len(failed) == 1:
         return failed[0][0]
     from detr_kit.data.doctor import doctor_command
 
-    problems = [f"{json_file.name}: {line}" for err, json_file in failed for line in err.details
-                if not line.startswith("fix ")]
+    coco = data_cfg.dataset in ("coco", "synthetic")
+    files = dataset_files(data_cfg, ["train", "val"]) if coco else {}
+    prefix = {split: files[split][1].name if coco else _split_name(data_cfg, split) for _, split in failed}
+    problems = [f"{prefix[split]}: {line}" for err, split in failed for line in err.details if not line.startswith("fix ")]
     fixes = dict.fromkeys(line for err, _ in failed for line in err.details if line.startswith("fix "))
-    commands = " and ".join(doctor_command(image_dirs[json_file], json_file) for _, json_file in failed)
+    commands = dict.fromkeys(doctor_command(*files[split]) if coco else root_doctor_command(data_cfg) for _, split in failed)
     return DatasetError("; ".join(err.what for err, _ in failed),
-                        f"fix them; the dataset doctor lists each with its fix: {commands}", problems + list(fixes))
+                        f"fix them; the dataset doctor lists each with its fix: {' and '.join(commands)}",
+                        problems + list(fixes))

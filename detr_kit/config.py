@@ -162,12 +162,19 @@ class TransformConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["coco", "synthetic"] = "coco"
-    root: str = "data/coco"
+    # auto: the format of data.root's files (COCO json, YOLO data.yaml, Pascal VOC Annotations/), said in one line
+    dataset: Literal["auto", "coco", "yolo", "voc", "synthetic"] = "auto"
+    root: str = "data/coco"  # the dataset's folder (YOLO: or its data.yaml itself)
+    # COCO: image folders and instances jsons, relative to data.root
     train_images: str = "train2017"
     train_annotations: str = "annotations/instances_train2017.json"
     val_images: str = "val2017"
     val_annotations: str = "annotations/instances_val2017.json"
+    # YOLO and VOC: the split trained on and the split evaluated: a data.yaml key (train, val, test) or a VOC
+    # ImageSets/Main/<name>.txt (train, val, trainval, test)
+    train_split: str = "train"
+    val_split: str = "val"
+    classes: tuple[str, ...] = ()  # VOC: class names in label order; () = every <name> in Annotations/*.xml, sorted
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # The DETR recipe: flip; then multi-scale resize, or resize + random crop + multi-scale resize.
     train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
@@ -315,6 +322,8 @@ def _validate(cfg: Config, source: str) -> None:
         fail("data.train_scales", d.train_scales, "a non-empty list of positive sizes")
     if len(d.crop_size) != 2 or not 0 < d.crop_size[0] <= d.crop_size[1]:
         fail("data.crop_size", d.crop_size, "[min, max] with 0 < min <= max")
+    if len(set(d.classes)) != len(d.classes) or any(not name.strip() for name in d.classes):
+        fail("data.classes", list(d.classes), "a list of distinct, non-empty class names (or [] for VOC's sorted names)")
     if d.max_size < max(d.train_scales + (d.eval_size,)):
         fail("data.max_size", d.max_size, f">= the largest scale ({max(d.train_scales + (d.eval_size,))})")
 

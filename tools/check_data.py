@@ -1,16 +1,23 @@
 #!/usr/bin/env python
-"""The dataset doctor: find what would break or silently spoil training on a COCO-format dataset.
+"""The dataset doctor: find what would break or silently spoil training on a COCO, YOLO or Pascal VOC dataset.
 
-    python tools/check_data.py --images DIR --annotations JSON [--show-aug N --out DIR] [--config CONFIG]
+    python tools/check_data.py --root my_data                                  # format detected; train and val
+    python tools/check_data.py --root VOC2007 data.train_split=trainval data.val_split=test
+    python tools/check_data.py --images DIR --annotations JSON                 # one COCO json
+    python tools/check_data.py --root my_data --show-aug 8 --out aug/ [--config CONFIG]
 
-Reports each problem with its file or record and a fix: unreadable json, missing or unreadable images,
-json/file size mismatches, boxes out of bounds / zero-area / negative / NaN, unknown category or image
-ids, duplicated ids, empty images; then a class histogram. Exit code 1 when there are errors (warnings
-alone exit 0). ``--show-aug N`` writes N augmented training samples with their boxes drawn.
+With --root (or --config alone: its data.root) it checks the splits training and evaluation read, with the same
+data keys (data.dataset, data.train_split, data.val_split, data.classes, the COCO file keys; set them as trailing
+a.b=c overrides or in --config). Each problem is reported with its file, line or record and a fix: unreadable
+json, yaml or xml, label lines that are not ``class cx cy w h``, class ids outside the names, YOLO coordinates in
+pixels, boxes given as corners or with x and y swapped, label files without an image, missing or unreadable images,
+size mismatches, boxes out of bounds / zero-area / negative / NaN, unknown or duplicated ids, empty images and
+empty splits; then a class histogram. Exit code 1 when there are errors (warnings alone exit 0). ``--show-aug N``
+writes N augmented training samples with their boxes drawn.
 
-The checks live in detr_kit/data/doctor.py (training and evaluation run its fast json-level checks before
-they start); they need only json and PIL (no torch), so the doctor starts fast. A missing --images folder,
-an unusable --out or config is one line ``error: <what> — <fix>`` (--debug shows the traceback).
+The checks live in detr_kit/data/doctor.py and the format readers (training and evaluation run the fast ones
+before they start); they need no torch, so the doctor starts fast. A missing --images folder, an unusable --out
+or config is one line ``error: <what> — <fix>`` (--debug shows the traceback).
 """
 
 from __future__ import annotations
@@ -27,15 +34,10 @@ def print_report(report: Report, max_per_kind: int = 50) -> None:
 
 
 def show_augmentations(image_dir: Path, annotation_file: Path, num: int, out_dir: Path, config: str | None) -> int:
-    """Write ``num`` augmented training samples with their boxes drawn; returns the number of errors."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
+    """Write ``num`` augmented training samples of a COCO json with their boxes drawn; returns the number of errors."""
     from detr_kit.build import build_transforms
     from detr_kit.config import DataConfig, load_config
-    from detr_kit.data.coco import BadImageError, CocoDetection
-    from detr_kit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, boxes_to_original, seed_transforms
-    from detr_kit.engine.outputs import atomic_output
+    from detr_kit.data.coco import CocoDetection
     from detr_kit.errors import DatasetError
 
     data_cfg = load_config(config).data if config else DataConfig()  # a bad config is the user's error: one line
@@ -45,8 +47,20 @@ def show_augmentations(image_dir: Path, annotation_file: Path, num: int, out_dir
     except DatasetError as err:  # its problems are in the report above
         print(f"[ERROR] show-aug: cannot build the training dataset: {err.what}")
         return 1
+    return draw_augmentations(dataset, num, out_dir)
+
+
+def draw_augmentations(dataset, num: int, out_dir: Path) -> int:
+    """Write ``num`` augmented samples of a training dataset with their boxes drawn; returns the number of errors."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from detr_kit.data.coco import BadImageError
+    from detr_kit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, boxes_to_original, seed_transforms
+    from detr_kit.engine.outputs import atomic_output
+
     if len(dataset) == 0:
-        print(f"[ERROR] show-aug: {annotation_file} lists no images; nothing to show")
+        print(f"[ERROR] show-aug: {dataset.source} lists no images; nothing to show")
         return 1
     seed_transforms(dataset.transforms, 0)
     mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
@@ -71,16 +85,28 @@ def show_augmentations(image_dir: Path, annotation_file: Path, num: int, out_dir
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", required=True, type=Path, help="image folder the json's file_name entries are relative to")
-    parser.add_argument("--annotations", required=True, type=Path, help="COCO instances json")
+    parser.add_argument("overrides", nargs="*", metavar="a.b=c", help="data keys for --root, e.g. data.val_split=test")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the dataset folder (or a YOLO data.yaml): check the splits training reads")
+    parser.add_argument("--format", choices=("auto", "coco", "yolo", "voc"), default=None,
+                        help="the dataset format for --root (default: data.dataset, normally auto: detected)")
+    parser.add_argument("--images", type=Path, default=None, help="image folder the json's file_name entries are relative to")
+    parser.add_argument("--annotations", type=Path, default=None, help="COCO instances json")
     parser.add_argument("--show-aug", type=int, default=0, metavar="N", help="write N augmented training samples")
     parser.add_argument("--out", type=Path, default=Path("check_data_aug"),
                         help="folder for --show-aug images (a new, empty or detr_kit-made folder)")
-    parser.add_argument("--config", default=None, help="config whose data section defines the augmentation")
+    parser.add_argument("--config", default=None, help="config whose data section describes the dataset and augmentation")
     parser.add_argument("--max-per-kind", type=int, default=50, help="problems printed per kind")
-    parser.add_argument("--skip-pixels", action="store_true", help="do not open the image files (fast, fewer checks)")
+    parser.add_argument("--skip-pixels", action="store_true", help="do not decode the image files (fast, fewer checks)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    one_json = args.images is not None or args.annotations is not None
+    if one_json and (args.images is None or args.annotations is None):
+        parser.error("--images and --annotations go together (or check a whole dataset with --root)")
+    if one_json and (args.root is not None or args.format or args.overrides):
+        parser.error("check either one COCO json (--images, --annotations) or a dataset (--root, --format, a.b=c)")
+    if not one_json and args.root is None and args.config is None:
+        parser.error("name the dataset: --root DIR (or --config CONFIG for its data.root), or --images and --annotations")
     from detr_kit.errors import run_tool
 
     return run_tool(lambda: run(args), debug=args.debug)
@@ -89,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from detr_kit.errors import DatasetError
 
+    if args.root is not None or args.images is None:
+        return run_dataset(args)
     if not args.images.is_dir():
         raise DatasetError(f"--images {args.images} is not a folder" if args.images.exists() else
                            f"--images {args.images} does not exist",
@@ -96,18 +124,70 @@ def run(args: argparse.Namespace) -> int:
     if not args.annotations.is_file():
         raise DatasetError(f"--annotations {args.annotations} " + ("is a folder" if args.annotations.is_dir() else
                            "does not exist"), "pass the COCO instances json with --annotations")
-    if args.show_aug > 0:  # the config and the output folder are checked before the checks, which may be long
+    claim_aug_folder(args)
+    report = check_dataset(args.images, args.annotations, check_pixels=not args.skip_pixels)
+    print_report(report, args.max_per_kind)
+    errors = report.count("error")
+    if args.show_aug > 0:
+        errors += show_augmentations(args.images, args.annotations, args.show_aug, args.out, args.config)
+    return 1 if errors else 0
+
+
+def claim_aug_folder(args: argparse.Namespace) -> None:
+    """With --show-aug, check the config and claim --out before the checks, which may be long."""
+    if args.show_aug > 0:
         from detr_kit.config import load_config
         from detr_kit.engine.outputs import claim_output_folder
 
         if args.config:
             load_config(args.config)
         claim_output_folder(args.out, "--out", "tools/check_data.py")
-    report = check_dataset(args.images, args.annotations, check_pixels=not args.skip_pixels)
-    print_report(report, args.max_per_kind)
-    errors = report.count("error")
+
+
+def run_dataset(args: argparse.Namespace) -> int:
+    """Check the train and val splits of --root (or the config's data.root) as training reads them."""
+    import dataclasses
+
+    from detr_kit import build
+    from detr_kit.config import Config, load_config
+    from detr_kit.data.formats import check_split, split_subject
+    from detr_kit.errors import DatasetError
+
+    cfg = load_config(args.config) if args.config else Config()
+    data_cfg = cfg.replace(args.overrides, source="the command line").data
+    flags = {"root": str(args.root)} if args.root is not None else {}  # taken as given, not parsed as YAML
+    data_cfg = dataclasses.replace(data_cfg, **flags, **({"dataset": args.format} if args.format else {}))
+    if data_cfg.dataset == "synthetic":
+        raise DatasetError("data.dataset=synthetic: detr_kit generates that dataset; there is nothing to check",
+                           "pass your dataset's folder with --root")
+    data_cfg = dataclasses.replace(data_cfg, dataset=build.resolve_format(data_cfg))
+    build.check_classes_key(data_cfg)
+    claim_aug_folder(args)
+    reports: dict[tuple, tuple[str, Report]] = {}  # a file both splits read is checked once
+    for split in ("train", "val"):
+        if data_cfg.dataset == "coco":
+            images, annotations = build.dataset_files(data_cfg, [split])[split]
+            if (images, annotations) not in reports:
+                reports[images, annotations] = (f"{split}: {annotations} (images in {images})",
+                                                check_dataset(images, annotations, check_pixels=not args.skip_pixels))
+            continue
+        name = data_cfg.train_split if split == "train" else data_cfg.val_split
+        if name not in reports:
+            reports[name] = (f"{split}: {split_subject(data_cfg.dataset, data_cfg.root, name)}",
+                             check_split(data_cfg.dataset, data_cfg.root, name, data_cfg.classes, not args.skip_pixels))
+    errors = 0
+    for title, report in reports.values():
+        print(f"== {title}")
+        print_report(report, args.max_per_kind)
+        print()
+        errors += report.count("error")
     if args.show_aug > 0:
-        errors += show_augmentations(args.images, args.annotations, args.show_aug, args.out, args.config)
+        try:
+            dataset = build.build_dataset(data_cfg, "train", train=True)
+        except DatasetError as err:  # its problems are in the report above
+            print(f"[ERROR] show-aug: cannot build the training dataset: {err.what}")
+            return 1
+        errors += draw_augmentations(dataset, args.show_aug, args.out)
     return 1 if errors else 0
 
 

@@ -1,4 +1,5 @@
-"""The data layer: COCO datasets, albumentations transforms, padding collate, samplers, synthetic shapes.
+"""The data layer: COCO, YOLO and Pascal VOC datasets, albumentations transforms, padding collate, samplers,
+synthetic shapes.
 
 The names are imported on first use, so that ``detr_kit.data.doctor`` imports without torch.
 """
@@ -11,6 +12,11 @@ _PUBLIC = {
     "CocoDetection": "detr_kit.data.coco",
     "load_coco_json": "detr_kit.data.coco",
     "load_rgb_image": "detr_kit.data.coco",
+    "match_label_map": "detr_kit.data.coco",
+    "CocoSplit": "detr_kit.data.formats",
+    "detect_format": "detr_kit.data.formats",
+    "read_voc_split": "detr_kit.data.voc",
+    "read_yolo_split": "detr_kit.data.yolo",
     "collate": "detr_kit.data.collate",
     "GroupedBatchSampler": "detr_kit.data.samplers",
     "aspect_ratio_groups": "detr_kit.data.samplers",

@@ -18,7 +18,7 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -162,6 +162,60 @@ def clean_boxes(bboxes_xywh: np.ndarray, height: int, width: int, counts: dict[s
     return clipped[keep], keep
 
 
+# --------------------------------------------------------------------------------------------------- labels
+
+
+def _unnamed(category_id: int, name: str) -> bool:
+    """A placeholder name (a converted checkpoint's ``class_<id>``, COCO's unused "N/A" slots): match by id alone."""
+    return name in ("N/A", f"class_{category_id}")
+
+
+def match_label_map(label_map: LabelMap, categories: Sequence[Mapping], used: set, source: str) -> LabelMap:
+    """``label_map`` (a checkpoint's, or the train split's) expressed in this dataset's category ids.
+
+    A category takes the label whose id and name it shares (or whose name is a placeholder, see ``_unnamed``),
+    else the label of its name: the same classes numbered differently (COCO's ids 1..90, YOLO's class indices
+    0..79, VOC's 1..K) keep the map's labels, and one class numbered as another (a one-class dataset's id 1 "cat"
+    against COCO's id 1 "person") is an error, not a silent match. Labels whose class this dataset lacks keep
+    their id unless this dataset uses it for another class (then they get an unused one).
+
+    Raises:
+        DatasetError: a category that annotations use matches no label, by id and name or by name.
+    """
+    names = {int(c["id"]): str(c["name"]) for c in categories}
+    label_of_name: dict[str, int] = {}
+    for label, name in enumerate(label_map.names):
+        label_of_name.setdefault(name, label)
+    by_id = label_map.category_to_label
+    label_of: dict[int, int] = {}  # dataset category id -> label
+    unmatched = []
+    for category_id, name in names.items():
+        label = by_id.get(category_id)
+        if label is None or not (label_map.names[label] == name or _unnamed(category_id, label_map.names[label])):
+            label = label_of_name.get(name)
+        if label is not None and label not in label_of.values():
+            label_of[category_id] = label
+        elif category_id in used:
+            unmatched.append((category_id, name))
+    if unmatched:
+        shown = ", ".join(f"{i} {n!r}" for i, n in unmatched[:MAX_LISTED])
+        raise DatasetError(
+            f"{source}: categories {shown} are not in the given label map (matched by id and name, or by name; "
+            f"its classes: {', '.join(label_map.names[:MAX_LISTED])}{', ...' if len(label_map) > MAX_LISTED else ''})",
+            "evaluate on data with the checkpoint's classes, or fine-tune on these with train.init_from",
+        )
+    if all(label_map.category_ids[label] == category_id for category_id, label in label_of.items()):
+        return label_map
+    ids = {label: category_id for category_id, label in label_of.items()}
+    taken = set(names) | set(ids.values())
+    fresh = (i for i in range(max(taken | set(label_map.category_ids), default=0) + 1, 1 << 62) if i not in taken)
+    kept = {label: old for label, old in enumerate(label_map.category_ids) if label not in ids and old not in taken}
+    category_ids = tuple(ids.get(label, kept.get(label)) for label in range(len(label_map)))
+    category_ids = tuple(next(fresh) if i is None else i for i in category_ids)
+    logger.info("%s: categories matched to the given label map by name", source)
+    return LabelMap(category_ids, label_map.names)
+
+
 # --------------------------------------------------------------------------------------------------- dataset
 
 
@@ -170,12 +224,14 @@ class CocoDetection(Dataset):
 
     Args:
         image_dir: folder the json's ``file_name`` entries are relative to.
-        annotation_file: COCO instances json.
+        annotation_file: COCO instances json, or an already checked COCO-format dict (what the YOLO and VOC
+            readers of ``data/formats.py`` produce; its ``info.description`` names it in messages).
         transforms: an albumentations pipeline from ``detr_kit.data.transforms`` (called with
             ``image``, ``bboxes`` xyxy pixels, ``labels``, ``iscrowd``); None = normalise only.
         train: True drops crowd boxes from the targets; False keeps them with ``Target.iscrowd``.
         label_map: contiguous labels <-> category ids; None builds it from the json's categories
-            (ascending id). Pass a checkpoint's map to keep its label order.
+            (ascending id). Pass a checkpoint's map (or the train split's) to keep its label order: the json's
+            categories are matched to it by id and name, else by name (see :func:`match_label_map`).
         on_bad_image: "skip" logs a corrupt image once and returns the next readable one (recorded in
             ``bad_images``); "error" raises ``BadImageError`` naming the file.
 
@@ -188,7 +244,7 @@ class CocoDetection(Dataset):
     def __init__(
         self,
         image_dir: str | os.PathLike,
-        annotation_file: str | os.PathLike,
+        annotation_file: str | os.PathLike | Mapping[str, Any],
         transforms: Callable[..., dict[str, Any]] | None = None,
         train: bool = True,
         label_map: LabelMap | None = None,
@@ -197,7 +253,8 @@ class CocoDetection(Dataset):
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         self.image_dir = Path(image_dir)
-        self.annotation_file = Path(annotation_file)
+        in_memory = isinstance(annotation_file, Mapping)
+        self.annotation_file = None if in_memory else Path(annotation_file)
         self.transforms = transforms if transforms is not None else eval_transforms(None)
         self.train = train
         self.on_bad_image = on_bad_image
@@ -208,18 +265,18 @@ class CocoDetection(Dataset):
         weakref.finalize(self, _remove_quietly, self._bad_log)
         self.size_mismatches: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # path -> (json hw, file hw)
 
-        data = load_checked_coco(self.image_dir, self.annotation_file)
-        self.label_map = label_map if label_map is not None else LabelMap.from_coco_categories(data["categories"])
+        if in_memory:
+            data = dict(annotation_file)
+            self.source = str(data.get("info", {}).get("description") or "COCO-format dict")
+        else:
+            data = load_checked_coco(self.image_dir, self.annotation_file)
+            self.source = str(self.annotation_file)
+        if label_map is None:
+            self.label_map = LabelMap.from_coco_categories(data["categories"])
+        else:
+            used = {ann["category_id"] for ann in data["annotations"]}
+            self.label_map = match_label_map(label_map, data["categories"], used, self.source)
         category_to_label = self.label_map.category_to_label
-        used = {ann["category_id"] for ann in data["annotations"]}
-        unknown = sorted(used - set(category_to_label))
-        if unknown:
-            names = {c["id"]: c["name"] for c in data["categories"]}
-            raise DatasetError(
-                f"{self.annotation_file}: category ids {[(i, names[i]) for i in unknown]} are not in the given label map "
-                f"(ids {list(self.label_map.category_ids)[:MAX_LISTED]}...)",
-                "evaluate on data with the checkpoint's categories, or fine-tune on these with train.init_from",
-            )
         self.coco = coco_from_dict(data)
         self.box_counts: dict[str, int] = {}
         self._records = [self._make_record(img, category_to_label) for img in data["images"]]
@@ -227,7 +284,7 @@ class CocoDetection(Dataset):
         if dropped or self.box_counts.get("clipped"):
             logger.warning(
                 "%s: %d boxes clipped to the image, dropped %s",
-                self.annotation_file,
+                self.source,
                 self.box_counts.get("clipped", 0),
                 ", ".join(f"{v} {k}" for k, v in dropped.items()) or "none",
             )
@@ -338,5 +395,6 @@ __all__ = [
     "coco_from_dict",
     "load_coco_json",
     "load_rgb_image",
+    "match_label_map",
     "pil_to_rgb_array",
 ]

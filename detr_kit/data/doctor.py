@@ -6,8 +6,10 @@ all of them and prints the report; ``CocoDetection`` (so ``build_datasets``, tra
 fast ones (json and file presence, no pixel decoding) through :func:`load_checked_coco`, which raises one
 ``DatasetError`` listing every error-level problem and the doctor command that explains them.
 
-The report is format-neutral (a problem names a record or a file, whatever the layout); the checks here read
-COCO json. This module needs only json, PIL and the standard library (no torch), so the doctor starts fast.
+The report is format-neutral (a problem names a record or a file, whatever the layout): the checks here read
+COCO json, and the YOLO and Pascal VOC readers (``data/yolo.py``, ``data/voc.py``) add their own problems to the
+same report while they read (``data/formats.py`` runs them). This module needs only json, PIL and the standard
+library (no torch), so the doctor starts fast.
 """
 
 from __future__ import annotations
@@ -42,6 +44,17 @@ SEVERITY = {
     "negative_size": "warning",
     "zero_area": "warning",
     "out_of_bounds": "warning",
+    "empty_dataset": "error",
+    "layout": "error",
+    "bad_label_line": "error",
+    "bad_xml": "error",
+    "unknown_class": "error",
+    "not_normalized": "error",
+    "corners_as_size": "warning",
+    "xy_swapped": "warning",
+    "inverted_box": "warning",
+    "orphan_label": "warning",
+    "missing_annotation": "warning",
     "empty_image": "info",
 }
 
@@ -63,6 +76,25 @@ FIXES = {
     "zero_area": "delete the annotation or give it a size (the dataset drops it)",
     "out_of_bounds": "clip the box to the image (the dataset clips it), or check the coordinates' origin/scale",
     "empty_image": "fine for background images; otherwise the annotations are missing",
+    "empty_dataset": "check the split's paths (data.root, the json, data.train_split / data.val_split): a split "
+                     "without images or boxes trains or evaluates nothing",
+    "layout": "lay the files out as the format expects (YOLO: data.yaml with path/train/val/names; VOC: "
+              "Annotations/, JPEGImages/, ImageSets/Main/<split>.txt), or choose the splits with data.train_split / "
+              "data.val_split",
+    "bad_label_line": "write one object per line as 'class cx cy w h' (a class index, then four numbers)",
+    "bad_xml": "re-export it from the labelling tool: a VOC <annotation> whose <object>s have a <name> and a "
+               "<bndbox> of xmin/ymin/xmax/ymax numbers",
+    "unknown_class": "add the class to data.yaml's names (YOLO) or to data.classes (VOC), or fix the label",
+    "not_normalized": "YOLO coordinates are fractions of the image size (pixels given?): divide x and width by the "
+                      "image width, y and height by its height",
+    "corners_as_size": "the box looks like corners x1 y1 x2 y2 where the format wants x y width height (COCO) or "
+                       "cx cy w h (YOLO): convert it (the dataset clips it as it is)",
+    "xy_swapped": "x and y look exchanged (the box fits the image only with them swapped): swap them (the dataset "
+                  "clips it as it is)",
+    "inverted_box": "swap xmin and xmax (or ymin and ymax) so that min <= max (the dataset drops the box)",
+    "orphan_label": "no image has this label file's name: add the image or remove the label file (it is not used)",
+    "missing_annotation": "add Annotations/<id>.xml (an <annotation> without <object> for an image with no objects); "
+                          "the image is used as a negative",
 }
 _ORDER = ("error", "warning", "info")
 
@@ -168,7 +200,16 @@ def check_records(data: dict, report: Report) -> dict[Any, dict]:
         if img is None:
             report.add("unknown_image", where, f"image id {ann['image_id']} is not in 'images'")
         _check_box(ann["bbox"], img, where, report)
+    check_not_empty(report, "images", "annotations")
     return images
+
+
+def check_not_empty(report: Report, images_where: str, boxes_where: str) -> None:
+    """An ``empty_dataset`` problem when the report counted no images, or no annotations."""
+    if report.num_images == 0:
+        report.add("empty_dataset", images_where, "lists no images")
+    elif report.num_annotations == 0:
+        report.add("empty_dataset", boxes_where, f"no image of the {report.num_images} has an annotation")
 
 
 def _check_box(bbox: Any, img: dict | None, where: str, report: Report) -> None:
@@ -185,9 +226,20 @@ def _check_box(bbox: Any, img: dict | None, where: str, report: Report) -> None:
     elif img is not None:
         W, H = img["width"], img["height"]
         if x < 0 or y < 0 or x + w > W + 0.5 or y + h > H + 0.5:
-            report.add("out_of_bounds", where, f"bbox {bbox} leaves the {W}x{H} image (x+w={x + w:g}, y+h={y + h:g})")
+            if x < w <= W + 0.5 and y < h <= H + 0.5:  # fits as [x1, y1, x2, y2]
+                report.add("corners_as_size", where, f"bbox {bbox} leaves the {W}x{H} image as [x, y, width, height] "
+                                                     f"but fits it as corners [x1, y1, x2, y2]")
+            elif fits_swapped(x, y, x + w, y + h, W, H, tolerance=0.5):
+                report.add("xy_swapped", where, f"bbox {bbox} leaves the {W}x{H} image but fits it with x and y swapped")
+            else:
+                report.add("out_of_bounds", where, f"bbox {bbox} leaves the {W}x{H} image (x+w={x + w:g}, y+h={y + h:g})")
         if min(x + w, W) - max(x, 0) <= 0 or min(y + h, H) - max(y, 0) <= 0:
             report.add("zero_area", where, f"bbox {bbox} lies entirely outside the {W}x{H} image")
+
+
+def fits_swapped(x0: float, y0: float, x1: float, y1: float, width: float, height: float, tolerance: float) -> bool:
+    """Whether the pixel box (x0, y0)-(x1, y1) lies inside a ``width`` x ``height`` image once x and y are swapped."""
+    return -tolerance <= y0 and y1 <= width + tolerance and -tolerance <= x0 and x1 <= height + tolerance
 
 
 def check_image_files(
@@ -293,10 +345,27 @@ def load_checked_coco(
         images = check_records(data, report)
         if image_dir is not None:
             check_image_files(image_dir, images, set(images), report, check_pixels=False)
-    # Unreadable files are the dataset's to skip or refuse as data.on_bad_image says, when it reads them.
-    errors = [p for p in report.errors() if p.kind != "unreadable_image"]
+    doctor = doctor_command(image_dir, annotation_file) if image_dir is not None else "python tools/check_data.py"
+    raise_for_errors(report, str(annotation_file), doctor, max_per_kind=max_per_kind)
+    return data  # type: ignore[return-value]
+
+
+def raise_for_errors(
+    report: Report, subject: str, doctor: str, tolerated: tuple[str, ...] = ("unreadable_image",), max_per_kind: int = 5
+) -> None:
+    """Raise one DatasetError listing every error-level problem of ``report``; return when there is none.
+
+    Args:
+        report: the problems found.
+        subject: what was checked, first in the message (the json, or a YOLO/VOC split).
+        doctor: the command that prints the full report.
+        tolerated: error kinds left to the dataset; by default unreadable images, which the dataset skips or
+            refuses when it reads them, as ``data.on_bad_image`` says.
+        max_per_kind: problems listed per kind (then a count), before each kind's fix.
+    """
+    errors = [p for p in report.errors() if p.kind not in tolerated]
     if not errors:
-        return data  # type: ignore[return-value]
+        return
     counts = Counter(p.kind for p in errors)
     summary = ", ".join(f"{kind} x{count}" for kind, count in counts.items())
     details: list[str] = []
@@ -305,9 +374,8 @@ def load_checked_coco(
         if count > max_per_kind:
             details.append(f"{kind}: ... and {count - max_per_kind} more")
     details += [f"fix {kind}: {FIXES[kind]}" for kind in counts]
-    doctor = doctor_command(image_dir, annotation_file) if image_dir is not None else "python tools/check_data.py"
     raise DatasetError(
-        f"{annotation_file}: {len(errors)} problem(s) make this dataset unusable ({summary})",
+        f"{subject}: {len(errors)} problem(s) make this dataset unusable ({summary})",
         f"fix them; the dataset doctor lists each with its fix: {doctor}",
         details,
     )
@@ -344,9 +412,12 @@ __all__ = [
     "Report",
     "check_dataset",
     "check_image_files",
+    "check_not_empty",
     "check_records",
     "doctor_command",
+    "fits_swapped",
     "load_checked_coco",
+    "raise_for_errors",
     "read_coco_json",
     "report_lines",
 ]

@@ -34,16 +34,19 @@ def test_synthetic_generated_on_first_use_then_reused(tmp_path):
     assert len(build_datasets(cfg.replace(["data.synthetic.num_train=7"]))[0]) == 7  # changed arguments regenerate
 
 
-def test_missing_coco_says_where_and_how(tmp_path):
+@pytest.mark.parametrize("dataset, help_text", [("auto", "COCO jsons, a YOLO data.yaml, or Pascal VOC's Annotations/"),
+                                                ("coco", "point data.root at your COCO-format data")])
+def test_missing_coco_says_where_and_how(tmp_path, dataset, help_text):
+    cfg = Config().replace([f"data.root={tmp_path / 'coco'}", f"data.dataset={dataset}"])
     with pytest.raises(DatasetError) as err:
-        build_datasets(Config().replace([f"data.root={tmp_path / 'coco'}"]))
+        build_datasets(cfg)
     message = str(err.value)
     assert f"(no folder {tmp_path / 'coco'})" in message and "cocodataset.org" in message
-    assert "point data.root at your COCO-format data" in message and "data.dataset=synthetic" in message
-    (tmp_path / "coco" / "train2017").mkdir(parents=True)
+    assert help_text in message and "data.dataset=synthetic" in message
+    (tmp_path / "coco" / "train2017").mkdir(parents=True)  # auto takes a COCO image folder for COCO
     with pytest.raises(DatasetError, match=r"missing annotations/instances_train2017.json, val2017, "
                                            r"annotations/instances_val2017.json in it\) — point data.root"):
-        build_datasets(Config().replace([f"data.root={tmp_path / 'coco'}"]))
+        build_datasets(cfg)
 
 
 def test_build_transforms_extra_and_unknown():

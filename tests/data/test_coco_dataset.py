@@ -122,7 +122,7 @@ def test_unknown_category_names_annotation_and_category(tmp_path):
 
 def test_missing_images_listed_in_one_error(tmp_path):
     images = {f"{i:02d}.png": np.zeros((4, 4, 3), np.uint8) for i in range(25)}
-    image_dir, ann_file = write_coco(tmp_path, images, [])
+    image_dir, ann_file = write_coco(tmp_path, images, [{"file": "00.png", "bbox": [0, 0, 2, 2]}])
     for i in range(1, 24):  # delete 23 of them
         (image_dir / f"{i:02d}.png").unlink()
     with pytest.raises(DatasetError) as err:
@@ -181,7 +181,8 @@ def _one_image_dataset(tmp_path, name, pil_or_bytes, size_wh, on_bad_image="skip
         img.save(image_dir / n)
         images.append({"id": i, "file_name": n, "width": img.size[0], "height": img.size[1]})
     ann_file = tmp_path / "ann.json"
-    ann_file.write_text(json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}  # a split without boxes is refused
+    ann_file.write_text(json.dumps({"images": images, "annotations": [box], "categories": [{"id": 1, "name": "x"}]}))
     return CocoDetection(image_dir, ann_file, eval_transforms(None), train=False, on_bad_image=on_bad_image)
 
 
