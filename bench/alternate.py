@@ -48,9 +48,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("other", type=Path, help="the other checkout (e.g. the code before a change)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: arguments of python -m bench")
-    args = parser.parse_args()
-    bench_args = [a for a in args.bench_args if a != "--"]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    bench_args = argv[split + 1:]  # after --: arguments of python -m bench
     checkouts = {"other": args.other.resolve(), "this": ROOT}
     results: dict[str, list[dict]] = {"other": [], "this": []}
     for round_index in range(args.rounds):
