@@ -91,6 +91,9 @@ def checkpoint_load_error(path: str | Path, err: Exception) -> CheckpointError:
     if refused:
         return PickledCodeError(f"checkpoint {str(path)!r} holds pickled code (GLOBAL {refused.group(1)})", TRUST_HINT)
     message = " ".join(str(err).split())
+    if "Unsupported operand" in message:  # pickle.dump's output (protocol > 2): torch.load reads no such file
+        return CheckpointError(f"checkpoint {str(path)!r} is a plain pickle, not a file written by torch.save",
+                               "save the state dict with torch.save(state_dict, path), or give another checkpoint")
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         reason = "the file is empty, 0 bytes"
     elif message.startswith("Weights only load failed"):  # torch's advice on weights_only does not apply

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, NamedTuple
 
@@ -101,7 +102,9 @@ def read_checkpoint(source: str | Path | Mapping[str, Any], trusted: bool = Fals
             raise checkpoint_load_error(path, err) from err
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
+            with warnings.catch_warnings():  # torch warns about the pickle protocol of files it did not write
+                warnings.filterwarnings("ignore", "Detected pickle protocol")
+                checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as err:  # unpickling errors have many types
         raise checkpoint_load_error(path, err) from err
     if not isinstance(checkpoint, Mapping):

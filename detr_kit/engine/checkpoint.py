@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,7 +21,6 @@ import torch
 
 from detr_kit.engine.outputs import why_unwritable
 from detr_kit.errors import CheckpointError, PickledCodeError, checkpoint_load_error
-
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
@@ -110,7 +110,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         what = "is a folder" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {str(path)!r} {what}", "give the path of a .pth file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it did not write
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:
         raise checkpoint_load_error(path, err) from err
     if not isinstance(state, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 
 import numpy as np
@@ -77,6 +78,16 @@ def test_pickled_code_is_refused_as_such_not_called_corrupt(tmp_path):
     assert err.value.fix == "refused for safety; pass --trusted if you trust its source"
     assert "corrupt" not in str(err.value)
     assert load_checkpoint(tmp_path / "code.pth", weights_only=False)["payload"] == os.getcwd()  # trusted: runs
+
+
+def test_plain_pickle_is_named_as_such_not_called_corrupt(tmp_path, recwarn):
+    with open(tmp_path / "plain.pth", "wb") as f:
+        pickle.dump({"payload": _RunsCode()}, f, protocol=4)  # pickle.dump, not torch.save
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "plain.pth")
+    assert err.value.what == f"checkpoint {str(tmp_path / 'plain.pth')!r} is a plain pickle, not a file written by " \
+        "torch.save"
+    assert "corrupt" not in str(err.value) and not [w for w in recwarn if "pickle protocol" in str(w.message)]
 
 
 def test_folder_under_a_file_is_reported(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Protocol
 from urllib.parse import urlparse
@@ -87,7 +88,9 @@ def read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, Tensor]
 
                 source = load_file(str(path))
             else:
-                source = torch.load(path, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # torch warns about the pickle protocol of files it did not write
+                    warnings.filterwarnings("ignore", "Detected pickle protocol")
+                    source = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 -- any unreadable file is the user's input, named as such
             error = checkpoint_load_error(path, err)
             fix = "save the tensors alone: torch.save(model.state_dict(), path)" if isinstance(error, PickledCodeError) else error.fix
