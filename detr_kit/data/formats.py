@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, Sequence
 
+from detr_kit.data.coco_records import CocoSplit
 from detr_kit.data.doctor import Report, check_image_files, raise_for_errors
 from detr_kit.errors import DatasetError
 
@@ -22,47 +23,7 @@ logger = logging.getLogger(__name__)
 
 Format = Literal["coco", "yolo", "voc"]
 FORMAT_NAMES = {"coco": "COCO", "yolo": "YOLO", "voc": "Pascal VOC"}
-# The image files a folder split holds (what PIL reads of Ultralytics' list).
-IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"})
 YOLO_YAML_NAMES = ("data.yaml", "data.yml")
-_EXIF_ORIENTATION = 0x0112
-
-
-class CocoSplit(NamedTuple):
-    """One split read into COCO form: ``data['images'][i]['file_name']`` is relative to ``image_dir``."""
-
-    image_dir: Path
-    data: dict
-    description: str  # where it came from, e.g. "YOLO my_data/data.yaml val: images/val"
-
-
-def upright_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image as it is shown, after its EXIF rotation; reads the header only.
-
-    Raises:
-        Whatever PIL raises for a missing or unreadable file.
-    """
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
-def file_name_under(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` (posix separators) when it lies under it, else the absolute path."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path.absolute())
-
-
-def coco_dict(images: list[dict], annotations: list[dict], names: dict[int, str], description: str) -> dict:
-    """A COCO-format dict: the records as given, one category per ``{id: name}`` entry."""
-    categories = [{"id": category_id, "name": name} for category_id, name in sorted(names.items())]
-    return {"info": {"description": description}, "images": images, "annotations": annotations,
-            "categories": categories}
 
 
 # ------------------------------------------------------------------------------------------------ detection
@@ -182,16 +143,12 @@ def check_split(fmt: Format, root: str | os.PathLike, split: str, classes: Seque
 
 __all__ = [
     "FORMAT_NAMES",
-    "IMAGE_SUFFIXES",
     "CocoSplit",
     "check_split",
-    "coco_dict",
     "detect_format",
-    "file_name_under",
     "found_format",
     "load_checked_split",
     "read_split",
     "split_subject",
-    "upright_size",
     "yolo_yaml",
 ]

@@ -26,8 +26,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Sequence
 
+from detr_kit.data.coco_records import IMAGE_SUFFIXES, CocoSplit, coco_dict, upright_size
 from detr_kit.data.doctor import Report, check_not_empty, fits_swapped
-from detr_kit.data.formats import IMAGE_SUFFIXES, CocoSplit, coco_dict, upright_size
 
 CORNERS = ("xmin", "ymin", "xmax", "ymax")
 

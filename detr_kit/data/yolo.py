@@ -29,8 +29,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from detr_kit.data.coco_records import IMAGE_SUFFIXES, CocoSplit, coco_dict, file_name_under, upright_size
 from detr_kit.data.doctor import Report, check_not_empty
-from detr_kit.data.formats import IMAGE_SUFFIXES, CocoSplit, coco_dict, file_name_under, upright_size
 
 TOLERANCE = 1e-3  # of the image side: exporters round, so a box may overshoot its image by this much
 

@@ -122,7 +122,7 @@ def test_convert_data_writes_new_files_only_and_refuses_bad_input(copies, tmp_pa
     broken_yolo(broken)
     result = _run("convert_data.py", "--root", str(broken), "--out-dir", str(tmp_path / "never"))
     assert result.returncode == 1 and "Traceback" not in result.stderr and not (tmp_path / "never").exists()
-    assert result.stderr.splitlines()[-1].startswith(f"  fix ")  # the problems, then each kind's fix
+    assert result.stderr.splitlines()[-1].startswith("  fix ")  # the problems, then each kind's fix
     assert f"error: YOLO split 'train' of {broken}: " in result.stderr
     coco = _run("convert_data.py", "--root", str(COCO128), "--out-dir", str(tmp_path / "never"),
                 "data.train_annotations=annotations/instances_train.json")
