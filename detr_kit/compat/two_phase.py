@@ -14,7 +14,8 @@ config (phase 1's with the two attention keys changed).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -11,7 +11,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from detr_kit.models.backbone.conv_attention import ConvolutionalAttention, heads_for_convolution, patch_radius
+from detr_kit.models.backbone.conv_attention import (
+    ConvolutionalAttention,
+    heads_for_convolution,
+    patch_radius,
+)
 from detr_kit.models.backbone.conv_to_attention import (
     attention_leak_bound,
     conv2d_as_attention,
@@ -112,13 +116,15 @@ def test_leak_bound_values():
     """ε ≈ 4 e^-β without clipping; keys beyond a clipped D add n e^(-β (D - r)^2) per axis."""
     assert attention_leak_bound(10.0, (7, 7), 6, 1) == pytest.approx(1 - 1 / (1 + 2 * math.exp(-10) + 2 * math.exp(-40)) ** 2)
     assert attention_leak_bound(10.0, (7, 7), 6, 1) == pytest.approx(4 * math.exp(-10), rel=1e-3)
-    assert attention_leak_bound(10.0, (20, 7), 2, 1) > attention_leak_bound(10.0, (7, 7), 2, 1) > attention_leak_bound(10.0, (7, 7), 6, 1)
+    clipped_long, clipped, unclipped = (attention_leak_bound(10.0, grid, distance, 1)
+                                        for grid, distance in (((20, 7), 2), ((7, 7), 2), ((7, 7), 6)))
+    assert clipped_long > clipped > unclipped
 
 
 def _replicate_reference(module: ConvolutionalAttention, x: torch.Tensor, grid: tuple[int, int],
                          valid: tuple[int, int]) -> torch.Tensor:
     """Convolutional attention as replicate padding of the valid region: head h reads its values shifted by Δ_h."""
-    h, w = grid
+    h = grid[0]
     r = module.radius
     values = rearrange(module.value(x), "b (h w) (m d) -> b m d h w", h=h, m=module.num_heads)[..., : valid[0], : valid[1]]
     heads = []
@@ -227,5 +233,5 @@ def test_convert_backbone_refuses_a_too_short_global_table():
                          relative_position_max_distance=1, return_strides=(8, 16, 32), out_channels=16).double()
     with pytest.raises(ValueError, match="relative_position_max_distance > conv_radius"):
         convert_backbone(phase1, phase2, 10.0)
-    with pytest.raises(ValueError, match="convolutional attention"):
+    with pytest.raises(TypeError, match="convolutional attention"):
         convert_backbone(phase2, phase2, 10.0)

@@ -13,7 +13,10 @@ from detr_kit.models.backbone.position_interpolation import (
     resampling_matrix,
 )
 from detr_kit.models.backbone.vit import ViTBackbone
-from detr_kit.models.backbone.weights import checkpoint_interpolation, resize_position_embedding
+from detr_kit.models.backbone.weights import (
+    checkpoint_interpolation,
+    resize_position_embedding,
+)
 
 CONVENTIONS = list(INTERPOLATION_FLAGS)
 

@@ -124,7 +124,7 @@ def test_torchvision_weights_load_unchanged_into_a_windowed_relative_position_vi
     """torchvision ViT-B weights in a windowed relative-position ViT equal the same ViT without the bias."""
     torch.manual_seed(0)
     state = torchvision.models.vit_b_16().state_dict()
-    kwargs = dict(depth=2, drop_path=0.0, window_size=4, global_blocks=(1,), use_cls_token=False)
+    kwargs = {"depth": 2, "drop_path": 0.0, "window_size": 4, "global_blocks": (1,), "use_cls_token": False}
     plain = ViTBackbone("base", **kwargs).eval()
     relative = ViTBackbone("base", relative_position=True, **kwargs).eval()
     plain.load_weights(state)

@@ -36,7 +36,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from detr_kit.models.backbone.conv_attention import ConvolutionalAttention, neighbourhood_offsets, patch_radius
+from detr_kit.models.backbone.conv_attention import (
+    ConvolutionalAttention,
+    neighbourhood_offsets,
+    patch_radius,
+)
 from detr_kit.models.backbone.relative_position import RelativePositionBias
 from detr_kit.models.backbone.vit_blocks import Attention
 
@@ -117,6 +121,7 @@ def convert_backbone(source: nn.Module, target: nn.Module, bias_magnitude: float
     ``conv_radius=0``.
 
     Raises:
+        TypeError: a block of ``source`` without convolutional attention, or of ``target`` without self-attention.
         ValueError: the backbones differ elsewhere, or a global block's D is not above the radius.
     """
     own = target.state_dict()
@@ -127,7 +132,7 @@ def convert_backbone(source: nn.Module, target: nn.Module, bias_magnitude: float
     target.load_state_dict(shared, strict=False)
     for index, (phase1, phase2) in enumerate(zip(source.blocks, target.blocks)):
         if not isinstance(phase1.attn, ConvolutionalAttention) or not isinstance(phase2.attn, Attention):
-            raise ValueError(f"block {index}: phase 1 must use convolutional attention and phase 2 self-attention")
+            raise TypeError(f"block {index}: phase 1 must use convolutional attention and phase 2 self-attention")
         distance = phase2.attn.relative_position.max_distance if phase2.attn.relative_position is not None else -1
         if phase2.window_size == 0 and distance <= phase1.attn.radius:
             raise ValueError(

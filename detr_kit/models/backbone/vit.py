@@ -46,7 +46,12 @@ from detr_kit.models.backbone.position_interpolation import (
     position_embedding_per_image,
 )
 from detr_kit.models.backbone.simple_pyramid import PyramidLevel, padding_mask_at_stride
-from detr_kit.models.backbone.vit_blocks import LAYER_NORM_EPS, Attention, Block, PatchEmbed
+from detr_kit.models.backbone.vit_blocks import (
+    LAYER_NORM_EPS,
+    Attention,
+    Block,
+    PatchEmbed,
+)
 from detr_kit.models.backbone.weights import (
     LoadReport,
     checkpoint_interpolation,

@@ -177,4 +177,4 @@ class Block(nn.Module):
         return rearrange(x[:, :h, :w], "b h w c -> b (h w) c")  # [B, h * w, C]
 
 
-__all__ = ["Attention", "Block", "FeedForward", "LAYER_NORM_EPS", "MLP_RATIO", "PatchEmbed"]
+__all__ = ["LAYER_NORM_EPS", "MLP_RATIO", "Attention", "Block", "FeedForward", "PatchEmbed"]

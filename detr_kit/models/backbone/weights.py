@@ -15,7 +15,10 @@ import torchvision
 from einops import rearrange
 from torch import Tensor
 
-from detr_kit.models.backbone.position_interpolation import PositionInterpolation, resize_position_grid
+from detr_kit.models.backbone.position_interpolation import (
+    PositionInterpolation,
+    resize_position_grid,
+)
 
 
 class ViTLike(Protocol):
