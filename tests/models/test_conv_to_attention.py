@@ -235,3 +235,23 @@ def test_convert_backbone_refuses_a_too_short_global_table():
         convert_backbone(phase1, phase2, 10.0)
     with pytest.raises(TypeError, match="convolutional attention"):
         convert_backbone(phase2, phase2, 10.0)
+
+
+@pytest.mark.parametrize("window_size, global_blocks", [(0, ()), (3, (1,))])
+def test_phase1_backbone_is_padding_invariant(window_size, global_blocks):
+    """Convolutional attention reads the nearest valid patch: an image alone equals it batched beside a larger one."""
+    torch.manual_seed(0)
+    model = ViTBackbone("tiny", return_strides=(16, 32), depth=3, drop_path=0.0, window_size=window_size,
+                        global_blocks=global_blocks, use_cls_token=False, num_heads=12, conv_radius=1,
+                        out_channels=16).eval()
+    small = torch.randn(1, 3, 100, 120, generator=torch.Generator().manual_seed(3))
+    batch = torch.randn(2, 3, 160, 200, generator=torch.Generator().manual_seed(4)) * 3
+    batch[1, :, :100, :120] = small[0]
+    mask = torch.zeros(2, 160, 200, dtype=torch.bool)
+    mask[1, 100:] = True
+    mask[1, :, 120:] = True
+    with torch.no_grad():
+        alone, batched = model(small), model(batch, mask)
+    for a, b in zip(alone, batched):
+        h, w = a.features.shape[-2:]
+        torch.testing.assert_close(b.features[1, :, :h, :w], a.features[0], atol=2e-5, rtol=1e-4)
