@@ -120,6 +120,29 @@ def test_timm_weights_load_unchanged_into_a_relative_position_vit():
         assert (ours.encode(images)[0].flatten(1, 2) - expected).abs().max() > 1e-2
 
 
+def test_torchvision_weights_load_unchanged_into_a_relative_position_vit():
+    """Zero tables, global attention with [CLS]: a torchvision ViT-B's own tokens."""
+    torch.manual_seed(0)
+    reference = torchvision.models.vision_transformer.VisionTransformer(
+        image_size=224, patch_size=16, num_layers=2, num_heads=12, hidden_dim=768, mlp_dim=3072
+    ).eval()
+    with torch.no_grad():
+        reference.encoder.pos_embedding.normal_(std=0.5)
+        reference.class_token.normal_(std=0.5)
+    ours = ViTBackbone("base", depth=2, drop_path=0.0, relative_position=True).eval()
+    report = ours.load_weights(reference.state_dict())
+    assert report.missing == [f"blocks.{i}.attn.relative_position.table" for i in range(2)] and report.unexpected == []
+    images = _images(1, 224, 224)
+    with torch.no_grad():
+        x = reference._process_input(images)  # [1, 196, 768]
+        expected = reference.encoder(torch.cat((reference.class_token, x), dim=1))[:, 1:]  # [1, 196, 768]
+        tokens, _ = ours.encode(images)
+    torch.testing.assert_close(tokens.flatten(1, 2), expected, atol=1e-5, rtol=0)
+    _randomise_tables(ours)  # non-zero tables change the model: the test can fail
+    with torch.no_grad():
+        assert (ours.encode(images)[0].flatten(1, 2) - expected).abs().max() > 1e-2
+
+
 def test_torchvision_weights_load_unchanged_into_a_windowed_relative_position_vit():
     """torchvision ViT-B weights in a windowed relative-position ViT equal the same ViT without the bias."""
     torch.manual_seed(0)
