@@ -67,6 +67,12 @@ def build_backbone(cfg: BackboneConfig, return_strides: tuple[int, ...]) -> nn.M
         use_cls_token=v.use_cls_token,
         pretrain_image_size=v.pretrain_image_size,
         weights=cfg.weights,
+        num_heads=v.num_heads,
+        relative_position=v.relative_position,
+        relative_position_max_distance=v.relative_position_max_distance,
+        conv_radius=v.conv_radius,
+        position_interpolation=v.position_interpolation,
+        weights_interpolation=v.weights_interpolation,
     )
 
 

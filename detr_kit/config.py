@@ -65,6 +65,12 @@ class ViTConfig:
     global_blocks: tuple[int, ...] = ()  # blocks that keep global attention when window_size > 0
     use_cls_token: bool = True
     pretrain_image_size: int = 224  # the grid the position embeddings were trained at
+    num_heads: int | None = None  # None = the size's (tiny 3, small 6, base 12); conv_radius needs >= (2r+1)^2
+    relative_position: bool = False  # learned bias per head and 2-D patch offset (zero-initialised)
+    relative_position_max_distance: int | None = None  # global blocks clip offsets here; None = pretrain grid - 1
+    conv_radius: int = 0  # > 0: convolutional attention over (2r+1)^2 patches (phase 1 of the two-phase recipe)
+    position_interpolation: Literal["detr_kit", "timm", "torchvision"] = "detr_kit"  # per-input resize of pos_embed
+    weights_interpolation: Literal["auto", "detr_kit", "timm", "torchvision"] = "auto"  # auto = the weights' writer's
 
 
 @dataclass(frozen=True)
@@ -253,7 +259,8 @@ class Config:
 # Validation of values that are well-typed but meaningless
 # --------------------------------------------------------------------------------------------------------------
 
-VITS = ("vit_tiny", "vit_small", "vit_base")
+VIT_WIDTHS = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}  # as models/backbone/vit.py's VIT_SIZES
+VITS = tuple(VIT_WIDTHS)
 BACKBONES = (*RESNETS, *VARIANTS, *VITS)  # ResNetBackbone, TorchvisionBackbone, ViTBackbone
 
 
@@ -296,6 +303,8 @@ def _validate(cfg: Config, source: str) -> None:
     if m.backbone.dilation and m.backbone.name not in BOTTLENECK_RESNETS:
         fail("model.backbone.dilation", True, f"false for {m.backbone.name} (DC5 needs a bottleneck ResNet: "
              "resnet50 or deeper, ResNeXt or Wide-ResNet)")
+    if m.backbone.name in VITS:
+        _validate_vit(m.backbone.vit, VIT_WIDTHS[m.backbone.name], fail)
     for key in ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "lr_linear_proj_mult"):
         value = getattr(t, key)
         if not math.isfinite(value) or value < 0:
@@ -326,6 +335,28 @@ def _validate(cfg: Config, source: str) -> None:
         fail("data.classes", list(d.classes), "a list of distinct, non-empty class names (or [] for VOC's sorted names)")
     if d.max_size < max(d.train_scales + (d.eval_size,)):
         fail("data.max_size", d.max_size, f">= the largest scale ({max(d.train_scales + (d.eval_size,))})")
+
+
+def _validate_vit(v: ViTConfig, width: int, fail: Any) -> None:
+    """The ViT's attention options: heads that divide the width, convolutional attention's needs."""
+    key = "model.backbone.vit"
+    if v.num_heads is not None and (v.num_heads < 1 or width % v.num_heads):
+        divisors = [n for n in range(1, width + 1) if width % n == 0 and n <= 64]
+        fail(f"{key}.num_heads", v.num_heads, f"a divisor of the width {width}, e.g. one of {divisors}, or null")
+    if v.conv_radius < 0:
+        fail(f"{key}.conv_radius", v.conv_radius, "0 (self-attention) or a number of patches >= 1")
+    if v.relative_position_max_distance is not None and v.relative_position_max_distance < 0:
+        fail(f"{key}.relative_position_max_distance", v.relative_position_max_distance, "an integer >= 0 or null")
+    if v.conv_radius > 0:
+        needed = (2 * v.conv_radius + 1) ** 2
+        if v.num_heads is None or v.num_heads < needed:
+            fail(f"{key}.num_heads", v.num_heads,
+                 f"at least (2 * conv_radius + 1)^2 = {needed} heads dividing {width} (one per neighbouring patch)")
+        if v.use_cls_token:
+            fail(f"{key}.use_cls_token", True, "false with conv_radius > 0 (a [CLS] token has no neighbours)")
+        if v.relative_position:
+            fail(f"{key}.relative_position", True,
+                 "false with conv_radius > 0 (the conversion to attention creates the relative position tables)")
 
 
 # --------------------------------------------------------------------------------------------------------------

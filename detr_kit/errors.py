@@ -85,13 +85,23 @@ def run_tool(body: Callable[[], int], debug: bool = False) -> int:
         return err.exit_code
 
 
+def _is_plain_pickle(path: str | Path) -> bool:
+    """Whether ``path`` starts as ``pickle.dump`` writes (protocol 3-5); torch.save writes a zip (or protocol 2)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and head[1] in (3, 4, 5)
+
+
 def checkpoint_load_error(path: str | Path, err: Exception) -> CheckpointError:
     """The error for a ``torch.load`` that failed: pickled code refused by ``weights_only``, or a broken file."""
     refused = re.search(r"GLOBAL ([\w.]+)", str(err))
     if refused:
         return PickledCodeError(f"checkpoint {str(path)!r} holds pickled code (GLOBAL {refused.group(1)})", TRUST_HINT)
     message = " ".join(str(err).split())
-    if "Unsupported operand" in message:  # pickle.dump's output (protocol > 2): torch.load reads no such file
+    if _is_plain_pickle(path):  # pickle.dump's output: torch.load reads no such file
         return CheckpointError(f"checkpoint {str(path)!r} is a plain pickle, not a file written by torch.save",
                                "save the state dict with torch.save(state_dict, path), or give another checkpoint")
     if Path(path).is_file() and Path(path).stat().st_size == 0:

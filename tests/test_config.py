@@ -148,3 +148,26 @@ def test_attention_and_activation_dropout_set_apart_from_model_dropout(tiny):
     assert random_in_training(build("model.attention_dropout=0.5"))
     unset = build("model.dropout=0.2")
     assert {m.dropout for m in unset.modules() if isinstance(m, MultiheadAttention)} == {0.2}  # null = model.dropout
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.backbone.vit.num_heads=5"], "model.backbone.vit.num_heads"),  # 5 does not divide 384
+        (["model.backbone.vit.conv_radius=1"], "model.backbone.vit.num_heads"),  # ViT-S's 6 heads < 9
+        (["model.backbone.vit.conv_radius=1", "model.backbone.vit.num_heads=12"], "model.backbone.vit.use_cls_token"),
+        (["model.backbone.vit.conv_radius=1", "model.backbone.vit.num_heads=12", "model.backbone.vit.use_cls_token=false",
+          "model.backbone.vit.relative_position=true"], "model.backbone.vit.relative_position"),
+        (["model.backbone.vit.position_interpolation=bilinear"], "model.backbone.vit.position_interpolation"),
+        (["model.backbone.vit.relative_position_max_distance=-1"], "model.backbone.vit.relative_position_max_distance"),
+    ],
+)
+def test_invalid_vit_attention_options_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("configs/detr_vit.yaml", overrides)
+
+
+def test_convolutional_vit_options_load():
+    cfg = load_config("configs/detr_vit.yaml", ["model.backbone.name=vit_tiny", "model.backbone.vit.num_heads=12",
+                                                "model.backbone.vit.conv_radius=1", "model.backbone.vit.use_cls_token=false"])
+    assert cfg.model.backbone.vit.conv_radius == 1 and cfg.model.backbone.vit.num_heads == 12

@@ -6,11 +6,17 @@
     python tools/convert.py detr-r50-dc5-f0fb7ef5.pth --out weights/detr_dc5.pth          # "dc5" in the name -> DC5
     python tools/convert.py path/to/hf_save_pretrained_folder --out weights/hf_detr.pth --config configs/detr_r50.yaml
 
+    python tools/convert.py --to-attention runs/vit_two_phase_phase1/last.pth --out runs/vit_two_phase_phase1/attention.pth
+
 The variant (DETR / DC5 / R101 / Deformable single- or multi-scale, +refine, +two-stage) is read from the keys.
 The config is --config, or the matching configs/*.yaml, with the detected values (classes, queries, layers,
 backbone, ...) applied on top. The label map is COCO's 91-slot layout of the released models (label ==
 category id, "N/A" for unused ids), or the Hugging Face config's id2label when it has one. The result loads
 with tools/eval.py, tools/infer.py, ``Detector.from_checkpoint`` and ``train.init_from``.
+
+``--to-attention`` converts instead a detr_kit checkpoint of phase 1 of two-phase ViT training (convolutional
+attention, ``model.backbone.vit.conv_radius >= 1``) into phase 2 (self-attention with a relative position bias
+that reproduces it; ``detr_kit/compat/two_phase.py``), for ``train.init_from`` of configs/vit_two_phase_phase2.yaml.
 """
 
 from __future__ import annotations
@@ -34,9 +40,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="DC5 backbone (the weights cannot tell); default: the checkpoint's args, else 'dc5' in the file name",
     )
+    parser.add_argument("--to-attention", action="store_true",
+                        help="source is a phase-1 detr_kit checkpoint (convolutional-attention ViT): write phase 2")
+    parser.add_argument("--bias-magnitude", type=_positive_float, default=10.0,
+                        help="--to-attention: β of the one-hot relative position bias (off-target weight ~4e^-β)")
     parser.add_argument("--trusted", action="store_true", help="allow arbitrary pickled objects in the source")
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     return parser.parse_args(argv)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def default_config(overrides: dict) -> Path:
@@ -144,6 +161,28 @@ def convert(source: str, out: str, config: str | None = None, dilation: bool | N
     return save_checkpoint(out, state)
 
 
+def to_attention(source: str, out: str, bias_magnitude: float, trusted: bool = False) -> Path:
+    """Convert a phase-1 checkpoint of two-phase ViT training into phase 2 and write ``out``; returns its path.
+
+    Raises:
+        CheckpointError: unreadable source, not a detr_kit phase-1 checkpoint, or weights that do not fit it.
+    """
+    from detr_kit.compat import detect_checkpoint_format, read_checkpoint
+    from detr_kit.compat.two_phase import to_attention_checkpoint
+    from detr_kit.engine.checkpoint import save_checkpoint
+    from detr_kit.errors import CheckpointError
+
+    checkpoint = read_checkpoint(source, trusted=trusted)
+    if detect_checkpoint_format(checkpoint) != "detr_kit" or "config" not in checkpoint:
+        raise CheckpointError(f"{source} is not a detr_kit checkpoint",
+                              "--to-attention converts what tools/train.py wrote for a phase-1 config")
+    state = to_attention_checkpoint(checkpoint, str(source), bias_magnitude)
+    record = state["two_phase"]
+    print(f"phase 1 (epoch {record['phase1_epoch']}) -> phase 2, β = {bias_magnitude:g}: backbone features differ "
+          f"by at most {record['max_feature_difference']:.2e} (float64, random padded batch)")
+    return save_checkpoint(out, state)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from detr_kit.errors import run_tool
@@ -153,13 +192,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from detr_kit.engine.outputs import check_output_file
+    from detr_kit.errors import ConfigError
 
+    if args.to_attention and (args.config or args.dilation is not None):
+        raise ConfigError("--to-attention takes neither --config nor --dilation",
+                          "leave them out: the phase-2 config is the checkpoint's own with self-attention")
     check_output_file(args.out, "--out", args.overwrite, inputs=[args.source])  # before reading the source
     if args.config:
         from detr_kit.config import load_config
 
         load_config(args.config)  # a bad --config fails now, not after reading the source
-    path = convert(args.source, args.out, args.config, args.dilation, args.trusted)
+    if args.to_attention:
+        path = to_attention(args.source, args.out, args.bias_magnitude, args.trusted)
+    else:
+        path = convert(args.source, args.out, args.config, args.dilation, args.trusted)
     print(f"wrote {path}")
     return 0
 

@@ -72,3 +72,17 @@ def test_forward_and_backward_on_the_meta_device(config: Path) -> None:
     sum(t.sum() for t in tensors).backward()
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None and p.grad.device.type == "meta" for p in trained)
+
+
+@pytest.mark.slow
+def test_windowed_relative_position_vit_with_timm_resizing_compiles_to_one_graph() -> None:
+    """The ViT options no shipped config combines: relative position bias in windowed and global blocks, and the
+    antialiased (timm) per-image resize of the position table."""
+    torch._dynamo.reset()
+    config = Path(__file__).resolve().parents[2] / "configs" / "deformable_detr_vit.yaml"
+    model = small_model(config, ("model.backbone.vit.relative_position=true",
+                                 "model.backbone.vit.position_interpolation=timm")).eval()
+    images, mask = padded_batch()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images, mask).boxes, model(images, mask).boxes, atol=1e-4, rtol=0)

@@ -72,7 +72,12 @@ def test_loading_a_file_interpolates_the_position_table_and_reports_keys(tmp_pat
     report = ours.load_report
     assert report.missing == ["norm.weight"] and report.unexpected == ["dist_token"]
 
+    # a timm-layout file: resized as timm resizes it (antialiased bicubic), unless another convention is named
     table = checkpoint["pos_embed"][0, 1:].reshape(14, 14, 192).permute(2, 0, 1)[None]  # [1, C, 14, 14]
+    expected = F.interpolate(table, size=(20, 20), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(ours.pos_embed[0].reshape(20, 20, 192), expected[0].permute(1, 2, 0))
+    ours = ViTBackbone("tiny", depth=1, pretrain_image_size=320, use_cls_token=False, weights=str(path),
+                       weights_interpolation="detr_kit")
     expected = F.interpolate(table, size=(20, 20), mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
     torch.testing.assert_close(ours.pos_embed[0].reshape(20, 20, 192), expected)
     torch.testing.assert_close(ours.patch_embed.proj.weight, checkpoint["patch_embed.proj.weight"], atol=0, rtol=0)

@@ -14,6 +14,13 @@ windowed attention with a few global blocks for large inputs, and a simple featu
 last stride-16 map (stride 8 by a 2x2 transposed convolution, 16 as is, 32 and 64 by max pooling), each
 level followed by 1x1 and 3x3 convolutions with channel LayerNorms (``simple_pyramid.py``).
 
+Attention options: a learned relative position bias per head and 2-D patch offset (``relative_position.py``),
+zero at initialisation so that weights trained without it load unchanged; convolutional attention
+(``conv_attention.py``), phase 1 of the two-phase training of Li, Chen, He and Hsieh (arXiv 2111.01353), which
+``conv_to_attention.py`` converts into self-attention with a relative position bias for phase 2. The position
+table is resized to each input under a named convention (``position_interpolation.py``: detr_kit's, timm's or
+torchvision's).
+
 Padding never changes an image's features. Every step is either per position (patch embedding, MLP,
 LayerNorm, the pyramid's 1x1 convolutions), or sees only valid positions: attention masks padded keys (in
 windows too), the position table is resized to each image's own patch grid, pooling ignores padded cells,
@@ -26,16 +33,31 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torchvision.ops import stochastic_depth
 
+from detr_kit.models.backbone.position_interpolation import (
+    INTERPOLATION_FLAGS,
+    PositionInterpolation,
+    position_embedding_per_image,
+)
 from detr_kit.models.backbone.simple_pyramid import PyramidLevel, padding_mask_at_stride
-from detr_kit.models.backbone.weights import LoadReport, load_vit_weights, resize_position_embedding
+from detr_kit.models.backbone.vit_blocks import (
+    LAYER_NORM_EPS,
+    Attention,
+    Block,
+    PatchEmbed,
+)
+from detr_kit.models.backbone.weights import (
+    LoadReport,
+    checkpoint_interpolation,
+    load_vit_weights,
+    read_vit_state_dict,
+)
 from detr_kit.structures import FeatureMap
 
 logger = logging.getLogger(__name__)
@@ -45,170 +67,36 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {  # size -> (embed_dim, depth, num
     "small": (384, 12, 6),
     "base": (768, 12, 12),
 }
-MLP_RATIO = 4
-LAYER_NORM_EPS = 1e-6  # torchvision and timm ViTs
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Position embeddings
-# --------------------------------------------------------------------------------------------------------------
-
-
-def position_embedding_per_image(
-    table: Tensor, src_grid: tuple[int, int], valid_grid: Tensor, size: tuple[int, int]
-) -> Tensor:
-    """The position table resized to each image's own patch grid, zero beyond it: no image depends on its batch.
-
-    The bicubic resize of ``resize_position_embedding`` (``F.interpolate``, ``align_corners=False``) written as
-    ``F.grid_sample`` at each image's sampling positions (output cell i of n samples source position
-    ``(i + 0.5) * G / n - 0.5``; bicubic taps clamped at the border, as interpolate's), so that the grid sizes stay
-    tensors: no host sync, one graph for every batch.
-
-    Args:
-        table: [G_h * G_w, C] row-major over ``src_grid``.
-        src_grid: (G_h, G_w), the grid the table was learned at.
-        valid_grid: [B, 2] int, (rows, columns) of each image's valid patch grid (0 for an empty image).
-        size: (h, w) of the padded patch grid.
-
-    Returns:
-        [B, h, w, C], the table's dtype.
-    """
-    height, width = size
-    dtype = torch.promote_types(table.dtype, torch.float32)  # no bicubic sampling in half precision
-    rows = valid_grid[:, 0:1].to(dtype)  # [B, 1]
-    cols = valid_grid[:, 1:2].to(dtype)  # [B, 1]
-    ys = (2 * torch.arange(height, dtype=dtype, device=table.device) + 1) / rows.clamp(min=1) - 1  # [B, h] in -1..1
-    xs = (2 * torch.arange(width, dtype=dtype, device=table.device) + 1) / cols.clamp(min=1) - 1  # [B, w]
-    batch = valid_grid.shape[0]
-    grid = torch.stack([xs[:, None, :].expand(batch, height, width), ys[:, :, None].expand(batch, height, width)], -1)
-    source = rearrange(table.to(dtype), "(h w) c -> 1 c h w", h=src_grid[0], w=src_grid[1]).expand(batch, -1, -1, -1)
-    out = F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False)  # [B, C, h, w]
-    inside = (ys < 1)[:, :, None] & (xs < 1)[:, None, :] & (valid_grid.min(-1).values > 0)[:, None, None]  # [B, h, w]
-    return rearrange(out, "b c h w -> b h w c").masked_fill(~inside[..., None], 0.0).to(table.dtype)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Transformer blocks
-# --------------------------------------------------------------------------------------------------------------
-
-
-class PatchEmbed(nn.Module):
-    """Cut images into non-overlapping patches and project each to ``embed_dim`` (timm's ``patch_embed``).
-
-    Args:
-        patch_size: side of a square patch in pixels.
-        embed_dim: C, the token width.
-    """
-
-    def __init__(self, patch_size: int, embed_dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, images: Tensor) -> Tensor:  # [B, 3, H, W], H and W multiples of the patch size
-        return rearrange(self.proj(images), "b c h w -> b h w c")  # [B, H/p, W/p, C]
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection and a key-padding mask.
-
-    Args:
-        embed_dim: C.
-        num_heads: M; C must be a multiple of M.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int) -> None:
-        super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.proj = nn.Linear(embed_dim, embed_dim)
-
-    def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
-        """Attend over the tokens of each sequence.
-
-        Args:
-            x: [B, N, C] tokens.
-            key_valid: [B, N] bool, False for tokens that must not be attended to; None = all valid.
-
-        Returns:
-            [B, N, C].
-        """
-        q, k, v = rearrange(self.qkv(x), "b n (three m d) -> three b m n d", three=3, m=self.num_heads)
-        attn_mask = None
-        if key_valid is not None:
-            # A sequence without any valid key (a window of padding) attends to all of its tokens, so its
-            # softmax stays finite; those queries are padding themselves and never reach a valid token.
-            key_valid = key_valid | ~key_valid.any(dim=1, keepdim=True)  # [B, N]
-            attn_mask = key_valid[:, None, None, :]  # [B, 1, 1, N]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, M, N, C / M]
-        return self.proj(rearrange(x, "b m n d -> b n (m d)"))  # [B, N, C]
-
-
-class FeedForward(nn.Module):
-    """The block's MLP: Linear, GELU, Linear (timm names ``fc1``/``fc2``)."""
-
-    def __init__(self, embed_dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, embed_dim)
-
-    def forward(self, x: Tensor) -> Tensor:  # [..., C] -> [..., C]
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """A pre-norm transformer block, optionally attending within non-overlapping windows (ViTDet).
-
-    Args:
-        embed_dim: C.
-        num_heads: M.
-        drop_path: probability of skipping the block's residual branches for a sample (stochastic depth).
-        window_size: 0 for global attention, else the side of the square attention windows in patches.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, drop_path: float, window_size: int) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(embed_dim, num_heads)
-        self.norm2 = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
-        self.mlp = FeedForward(embed_dim, MLP_RATIO * embed_dim)
-        self.drop_path = drop_path
-        self.window_size = window_size
-
-    def forward(self, x: Tensor, grid: tuple[int, int], key_valid: Tensor | None) -> Tensor:
-        """Run the block.
-
-        Args:
-            x: [B, N, C] tokens; the last h * w are the patch grid in row-major order, any before them are
-                prefix tokens ([CLS]); windowed blocks take no prefix tokens.
-            grid: (h, w) of the patch grid.
-            key_valid: [B, N] bool, False on padding tokens; None = all valid.
-
-        Returns:
-            [B, N, C].
-        """
-        shortcut = x
-        x = self.norm1(x)
-        x = self._windowed_attention(x, grid, key_valid) if self.window_size else self.attn(x, key_valid)
-        x = shortcut + stochastic_depth(x, self.drop_path, "row", self.training)
-        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
-
-    def _windowed_attention(self, x: Tensor, grid: tuple[int, int], key_valid: Tensor | None) -> Tensor:
-        h, w = grid
-        size = self.window_size
-        pad_h, pad_w = (-h) % size, (-w) % size
-        batch = x.shape[0]
-        x = rearrange(x, "b (h w) c -> b h w c", h=h, w=w)
-        valid = x.new_ones(batch, h, w, dtype=torch.bool) if key_valid is None else key_valid.reshape(batch, h, w)
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # [B, h', w', C], h' and w' multiples of the window
-        valid = F.pad(valid, (0, pad_w, 0, pad_h), value=False)  # [B, h', w']
-        windows = rearrange(x, "b (nh s1) (nw s2) c -> (b nh nw) (s1 s2) c", s1=size, s2=size)  # [B * nW, s*s, C]
-        windows_valid = rearrange(valid, "b (nh s1) (nw s2) -> (b nh nw) (s1 s2)", s1=size, s2=size)
-        needs_mask = key_valid is not None or pad_h or pad_w
-        windows = self.attn(windows, windows_valid if needs_mask else None)  # [B * nW, s*s, C]
-        x = rearrange(windows, "(b nh nw) (s1 s2) c -> b (nh s1) (nw s2) c", b=batch, nh=(h + pad_h) // size, s1=size)
-        return rearrange(x[:, :h, :w], "b h w c -> b (h w) c")  # [B, h * w, C]
+def _check_attention_options(
+    size: str,
+    num_heads: int,
+    use_cls_token: bool,
+    relative_position: bool,
+    relative_position_max_distance: int | None,
+    conv_radius: int,
+    position_interpolation: str,
+    weights_interpolation: str,
+) -> None:
+    """Raise ValueError for head, relative-position, convolution or interpolation options that do not fit."""
+    embed_dim = VIT_SIZES[size][0]
+    if num_heads < 1 or embed_dim % num_heads:
+        raise ValueError(f"num_heads must divide the width {embed_dim} of a {size} ViT, got {num_heads}")
+    if conv_radius < 0:
+        raise ValueError(f"conv_radius must be 0 (self-attention) or a number of patches >= 1, got {conv_radius}")
+    if conv_radius and (use_cls_token or relative_position):
+        raise ValueError(
+            "conv_radius > 0 (convolutional attention) needs use_cls_token=False and relative_position=False: "
+            "a [CLS] token has no neighbours, and the conversion to attention creates the relative position tables"
+        )
+    if relative_position_max_distance is not None and relative_position_max_distance < 0:
+        raise ValueError(f"relative_position_max_distance must be >= 0 or None, got {relative_position_max_distance}")
+    if position_interpolation not in INTERPOLATION_FLAGS or weights_interpolation not in {"auto", *INTERPOLATION_FLAGS}:
+        raise ValueError(
+            f"position_interpolation={position_interpolation!r} / weights_interpolation={weights_interpolation!r}: "
+            f"choose from {', '.join(INTERPOLATION_FLAGS)} (weights_interpolation also 'auto')"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -236,6 +124,21 @@ class ViTBackbone(nn.Module):
             is ignored, the position table is interpolated when its grid differs.
         out_channels: channels of every pyramid level.
         depth: number of blocks; None = 12 (the standard sizes). Fewer blocks make small test models.
+        num_heads: M; None = the size's (3, 6, 12). Convolutional attention needs M >= (2 * conv_radius + 1)^2,
+            e.g. 12 heads of width 16 for a tiny ViT.
+        relative_position: add a learned bias per head and relative patch offset to every attention score
+            (``RelativePositionBias``; zero at initialisation, so weights trained without it load unchanged).
+        relative_position_max_distance: D, where global blocks clip offsets; None = the pretraining grid's
+            side minus one. Windowed blocks clip at ``window_size - 1``.
+        conv_radius: 0 = self-attention; r > 0 = every block's attention is ``ConvolutionalAttention`` over the
+            (2r + 1)^2 neighbouring patches (phase 1 of two-phase training, CMHSA in Li et al. 2021; convert with
+            ``conv_to_attention``). Needs ``use_cls_token=False`` and no relative position bias.
+        position_interpolation: how the position table is resized to each input's patch grid at run time:
+            "detr_kit" (bicubic, align_corners=False), "timm" (antialiased) or "torchvision" (align_corners=True);
+            see ``position_interpolation.py``.
+        weights_interpolation: how ``weights``' position table is resized to the pretraining grid when its grid
+            differs: "auto" = the convention of the library that wrote it (``checkpoint_interpolation``), or a
+            name as above.
 
     Attributes:
         channels: output channels per returned level.
@@ -244,7 +147,8 @@ class ViTBackbone(nn.Module):
 
     Raises:
         ValueError: an unknown size, strides outside (p/2, p, 2p, 4p), bad window/global-block settings, a
-            pretrain size not divisible by p, or weights whose tensors do not fit this model.
+            pretrain size not divisible by p, bad head, relative-position or convolution settings, an unknown
+            interpolation, or weights whose tensors do not fit this model.
         FileNotFoundError: ``weights`` names no file.
     """
 
@@ -261,12 +165,19 @@ class ViTBackbone(nn.Module):
         weights: str | None = None,
         out_channels: int = 256,
         depth: int | None = None,
+        num_heads: int | None = None,
+        relative_position: bool = False,
+        relative_position_max_distance: int | None = None,
+        conv_radius: int = 0,
+        position_interpolation: PositionInterpolation = "detr_kit",
+        weights_interpolation: PositionInterpolation | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         if size not in VIT_SIZES:
             raise ValueError(f"unknown ViT size {size!r}; choose one of {', '.join(VIT_SIZES)}")
-        embed_dim, default_depth, num_heads = VIT_SIZES[size]
+        embed_dim, default_depth, default_heads = VIT_SIZES[size]
         depth = default_depth if depth is None else depth
+        num_heads = default_heads if num_heads is None else num_heads
         if depth < 1:
             raise ValueError(f"depth must be >= 1 (or None for {default_depth}), got {depth}")
         if patch_size < 1:
@@ -295,6 +206,10 @@ class ViTBackbone(nn.Module):
             raise ValueError(f"pretrain_image_size={pretrain_image_size} must be a multiple of patch_size={patch_size}")
         if out_channels < 1:
             raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+        _check_attention_options(
+            size, num_heads, use_cls_token, relative_position, relative_position_max_distance, conv_radius,
+            position_interpolation, weights_interpolation,
+        )
 
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.patch_size = patch_size
@@ -304,6 +219,14 @@ class ViTBackbone(nn.Module):
         self.global_blocks = tuple(global_blocks)
         self.strides = tuple(sorted(return_strides))
         self.channels = (out_channels,) * len(self.strides)
+        self.conv_radius = conv_radius
+        self.position_interpolation = position_interpolation
+        self.relative_position_max_distance: int | None = None
+        if relative_position:
+            default_distance = self.pretrain_grid - 1
+            self.relative_position_max_distance = (
+                default_distance if relative_position_max_distance is None else relative_position_max_distance
+            )
 
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         num_prefix = 1 if use_cls_token else 0
@@ -311,7 +234,11 @@ class ViTBackbone(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix + self.pretrain_grid**2, embed_dim))
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, rates[i], 0 if i in self.global_blocks else window_size) for i in range(depth)
+            Block(
+                embed_dim, num_heads, rates[i], 0 if i in self.global_blocks else window_size,
+                self.relative_position_max_distance, conv_radius,
+            )
+            for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.pyramid = nn.ModuleList(PyramidLevel(embed_dim, out_channels, offered[s]) for s in self.strides)
@@ -319,7 +246,7 @@ class ViTBackbone(nn.Module):
 
         self.load_report: LoadReport | None = None
         if weights is not None:
-            self.load_report = self.load_weights(weights)
+            self.load_report = self.load_weights(weights, weights_interpolation)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -332,25 +259,38 @@ class ViTBackbone(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- weights
 
-    def load_weights(self, source: str | Path | Mapping[str, Tensor]) -> LoadReport:
+    def load_weights(
+        self,
+        source: str | Path | Mapping[str, Tensor],
+        interpolation: PositionInterpolation | Literal["auto"] = "auto",
+    ) -> LoadReport:
         """Load a torchvision or timm/DeiT ViT state dict into the trunk (the pyramid keeps its initialisation).
 
         Args:
             source: a file path (``.pth``/``.pt``/``.bin`` via torch.load, or ``.safetensors``) or a state dict.
+            interpolation: how the checkpoint's position table is resized when its grid differs from the
+                pretraining grid: "auto" = the convention of the library that wrote it, or a name.
 
         Returns:
             LoadReport of trunk keys: missing (kept at initialisation), unexpected (ignored) and mismatched
-            (always empty: a mismatch raises). Missing or unexpected keys are also logged as a warning.
+            (always empty: a mismatch raises). Missing or unexpected keys are also logged as a warning, except
+            the relative position tables, which start at zero by design (logged as info).
 
         Raises:
             FileNotFoundError: the path does not exist.
             ValueError: a tensor's shape does not fit this model, or nothing in the state dict fits it.
         """
-        report = load_vit_weights(self, source)
-        if report.missing or report.unexpected:
-            name = source if isinstance(source, (str, Path)) else "the state dict"
-            logger.warning("ViT weights from %s: missing keys %s, unexpected keys %s", name, report.missing,
-                           report.unexpected)
+        state_dict = read_vit_state_dict(source)
+        if interpolation == "auto":
+            interpolation = checkpoint_interpolation(state_dict)
+        report = load_vit_weights(self, state_dict, interpolation)
+        name = source if isinstance(source, (str, Path)) else "the state dict"
+        tables = [key for key in report.missing if key.endswith("relative_position.table")]
+        missing = [key for key in report.missing if key not in tables]
+        if missing or report.unexpected:
+            logger.warning("ViT weights from %s: missing keys %s, unexpected keys %s", name, missing, report.unexpected)
+        if tables:
+            logger.info("ViT weights from %s hold no relative position tables: %d tables start at zero", name, len(tables))
         return report
 
     # ---------------------------------------------------------------------------------------------- forward
@@ -383,14 +323,15 @@ class ViTBackbone(nn.Module):
         source = (self.pretrain_grid, self.pretrain_grid)
         if mask is None:
             patch_mask = torch.zeros(batch, h, w, dtype=torch.bool, device=images.device)
-            pos = resize_position_embedding(table, source, (h, w)).view(1, h, w, -1)  # [1, h, w, C]
+            valid_grid = torch.tensor([[h, w]], device=images.device)  # [1, 2]: one table for the batch
             key_valid = None
         else:
             patch_mask = padding_mask_at_stride(mask, p)  # [B, h, w]
             patch_valid = ~patch_mask
             valid_grid = torch.stack([patch_valid.any(dim=2).sum(dim=1), patch_valid.any(dim=1).sum(dim=1)], -1)
-            pos = position_embedding_per_image(table, source, valid_grid, (h, w))  # [B, h, w, C]
             key_valid = patch_valid.flatten(1)  # [B, h*w]
+        pos = position_embedding_per_image(table, source, valid_grid, (h, w), self.position_interpolation)
+        # pos: [B, h, w, C] ([1, h, w, C] without a mask)
         tokens = rearrange(x + pos.to(x.dtype), "b h w c -> b (h w) c")  # [B, h*w, C]
         if self.cls_token is not None:
             cls = self.cls_token + self.pos_embed[:, :1]  # [1, 1, C]
@@ -425,4 +366,4 @@ class ViTBackbone(nn.Module):
         return outputs
 
 
-__all__ = ["VIT_SIZES", "ViTBackbone", "position_embedding_per_image"]
+__all__ = ["VIT_SIZES", "Attention", "Block", "ViTBackbone"]

@@ -15,12 +15,13 @@ from typing import Any, Mapping, NamedTuple, Protocol
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from einops import rearrange
 from torch import Tensor, nn
 
 from detr_kit.errors import CheckpointError, ConfigError, PickledCodeError, checkpoint_load_error
+
+from detr_kit.models.backbone.position_interpolation import PositionInterpolation, resize_position_grid
 
 _WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -214,21 +215,27 @@ def torchvision_state_dict(name: str, weights: str) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def resize_position_embedding(table: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
+def resize_position_embedding(
+    table: Tensor,
+    src_grid: tuple[int, int],
+    dst_grid: tuple[int, int],
+    interpolation: PositionInterpolation = "detr_kit",
+) -> Tensor:
     """Resize a table of patch position embeddings to another patch grid by bicubic interpolation.
 
     Args:
         table: [src_h * src_w, C] or [1, src_h * src_w, C], row-major over the grid, without [CLS] entries.
         src_grid: (src_h, src_w), the grid the table was learned at.
         dst_grid: (dst_h, dst_w), the grid wanted.
+        interpolation: "detr_kit" (bicubic, ``align_corners=False``, no antialias: DeiT and ViTDet), "timm"
+            (antialiased) or "torchvision" (``align_corners=True``); see ``position_interpolation``.
 
     Returns:
-        [dst_h * dst_w, C]; the table itself when the grids are equal. Interpolation is bicubic with
-        ``align_corners=False`` and no antialiasing (as timm and torchvision resize ViT position embeddings),
-        computed in float32 at least (float64 stays float64).
+        [dst_h * dst_w, C]; the table itself when the grids are equal. Computed in float32 at least (float64
+        stays float64).
 
     Raises:
-        ValueError: the table's length is not src_h * src_w.
+        ValueError: the table's length is not src_h * src_w, or an unknown interpolation.
     """
     table = table.reshape(-1, table.shape[-1])  # [N, C]
     src_h, src_w = src_grid
@@ -237,9 +244,8 @@ def resize_position_embedding(table: Tensor, src_grid: tuple[int, int], dst_grid
     if tuple(dst_grid) == (src_h, src_w):
         return table
     grid = rearrange(table, "(h w) c -> 1 c h w", h=src_h, w=src_w)  # [1, C, src_h, src_w]
-    grid = grid.to(torch.promote_types(grid.dtype, torch.float32))  # no bicubic in half precision
-    grid = F.interpolate(grid, size=tuple(dst_grid), mode="bicubic", align_corners=False)  # [1, C, dst_h, dst_w]
-    return rearrange(grid, "1 c h w -> (h w) c").to(table.dtype)  # [dst_h * dst_w, C]
+    grid = resize_position_grid(grid, tuple(dst_grid), interpolation)  # [1, C, dst_h, dst_w]
+    return rearrange(grid, "1 c h w -> (h w) c")  # [dst_h * dst_w, C]
 
 
 _HEAD_PREFIXES = ("head.", "heads.", "head_dist.", "fc_norm.", "pre_logits.")  # classification heads, never loaded
@@ -307,7 +313,9 @@ def _split_prefix(pos_embed: Tensor) -> tuple[Tensor, Tensor, int]:
     return pos_embed[:, : num - side * side], pos_embed[:, num - side * side :], side
 
 
-def fit_position_table(pos_embed: Tensor, grid: int, cls_entry: Tensor | None) -> Tensor:
+def fit_position_table(
+    pos_embed: Tensor, grid: int, cls_entry: Tensor | None, interpolation: PositionInterpolation = "detr_kit"
+) -> Tensor:
     """Fit a checkpoint's position table to a ViTBackbone: prefix entries fitted, patch grid interpolated.
 
     Args:
@@ -316,12 +324,13 @@ def fit_position_table(pos_embed: Tensor, grid: int, cls_entry: Tensor | None) -
         grid: G, the side of the model's patch grid (``pretrain_image_size / patch_size``).
         cls_entry: [1, 1, C], the model's own [CLS] position entry, used when the checkpoint's table has none;
             None for a model without a [CLS] token (the checkpoint's prefix entries are then dropped).
+        interpolation: the resize convention (see ``resize_position_embedding``).
 
     Returns:
         [1, G*G, C] without a [CLS] token, else [1, 1 + G*G, C].
     """
     prefix, patches, side = _split_prefix(pos_embed.reshape(1, -1, pos_embed.shape[-1]))
-    patches = resize_position_embedding(patches, (side, side), (grid, grid))[None]
+    patches = resize_position_embedding(patches, (side, side), (grid, grid), interpolation)[None]
     if cls_entry is None:
         return patches  # [1, G*G, C]
     if prefix.shape[1] == 0:  # a table without a [CLS] entry: keep the model's
@@ -329,12 +338,48 @@ def fit_position_table(pos_embed: Tensor, grid: int, cls_entry: Tensor | None) -
     return torch.cat((prefix[:, :1], patches), dim=1)  # [1, 1 + G*G, C]
 
 
-def load_vit_weights(backbone: ViTLike, source: str | Path | Mapping[str, Tensor]) -> LoadReport:
+def read_vit_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Read a ViT checkpoint (a file or a mapping) as a state dict, keys as they are in the file.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+    """
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise FileNotFoundError(
+            f"ViT weights {str(source)!r} is not a file; ViT backbones load local torchvision or timm/DeiT "
+            "state dict files only (weight names such as IMAGENET1K_V1 are not downloaded)"
+        )
+    return read_state_dict(source)
+
+
+def checkpoint_interpolation(state_dict: Mapping[str, Tensor]) -> PositionInterpolation:
+    """The position-table resize convention of the library that wrote a ViT state dict.
+
+    Returns:
+        "torchvision" for torchvision's key layout (``encoder.layers.*``, ``class_token``, ``conv_proj.*``),
+        "detr_kit" for a ViTBackbone's own state dict (it has ``pyramid.*`` keys), else "timm" (timm and DeiT
+        share timm's layout).
+    """
+    keys = [key.removeprefix("module.") for key in state_dict]
+    if any(key.startswith(("encoder.layers.", "conv_proj.")) or key == "class_token" for key in keys):
+        return "torchvision"
+    if any(key.startswith("pyramid.") for key in keys):
+        return "detr_kit"
+    return "timm"
+
+
+def load_vit_weights(
+    backbone: ViTLike,
+    source: str | Path | Mapping[str, Tensor],
+    interpolation: PositionInterpolation = "detr_kit",
+) -> LoadReport:
     """Load a torchvision or timm/DeiT ViT state dict into ``backbone``'s trunk (the pyramid is left as it is).
 
     Args:
         backbone: the model to load into.
         source: a file path (``.pth``/``.pt``/``.bin`` via torch.load, or ``.safetensors``) or a state dict.
+        interpolation: how the checkpoint's position table is resized when its grid differs from the model's
+            (see ``resize_position_embedding``; ``checkpoint_interpolation`` names the writer's own convention).
 
     Returns:
         LoadReport of trunk keys: missing (kept at initialisation), unexpected (ignored) and mismatched
@@ -344,15 +389,12 @@ def load_vit_weights(backbone: ViTLike, source: str | Path | Mapping[str, Tensor
         FileNotFoundError: the path does not exist.
         ValueError: a tensor's shape does not fit the model, or nothing in the state dict fits it.
     """
-    if isinstance(source, (str, Path)) and not Path(source).is_file():
-        raise FileNotFoundError(
-            f"ViT weights {str(source)!r} is not a file; ViT backbones load local torchvision or timm/DeiT "
-            "state dict files only (weight names such as IMAGENET1K_V1 are not downloaded)"
-        )
-    state_dict = convert_vit_state_dict(read_state_dict(source))
+    state_dict = convert_vit_state_dict(read_vit_state_dict(source))
     if "pos_embed" in state_dict:
         cls_entry = None if backbone.cls_token is None else backbone.pos_embed.detach()[:, :1]  # [1, 1, C]
-        state_dict["pos_embed"] = fit_position_table(state_dict["pos_embed"], backbone.pretrain_grid, cls_entry)
+        state_dict["pos_embed"] = fit_position_table(
+            state_dict["pos_embed"], backbone.pretrain_grid, cls_entry, interpolation
+        )
     if backbone.cls_token is None:
         state_dict.pop("cls_token", None)
 
@@ -374,12 +416,14 @@ __all__ = [
     "LoadReport",
     "ViTLike",
     "backbone_state_dict",
+    "checkpoint_interpolation",
     "convert_vit_state_dict",
     "fit_position_table",
     "load_body_state_dict",
     "load_vit_weights",
     "match_state_dict",
     "read_state_dict",
+    "read_vit_state_dict",
     "resize_position_embedding",
     "torch_hub_file",
     "torchvision_state_dict",
