@@ -30,8 +30,8 @@ def main() -> None:
         cells = []
         for curve in curves.values():
             record = curve[index] if index < len(curve) else None
-            cells.append(f"{record['val/AP']:.4f} / {record['val/AP50']:.4f} / {record['val/AR100']:.4f} / "
-                         f"{record['train/loss']:.2f}" if record else "")
+            cells.append(f"{record['val/AP']:.1e} / {record['val/AP50']:.1e} / {record['val/AR100']:.4f} / "
+                         f"{record['train/loss']:.2f}" if record else "")  # AP in 0..1; .1e keeps tiny values
         print(f"| {index + 1} | " + " | ".join(cells) + " |")
     seconds = {arm: sum(r["time_s"] for r in curve) for arm, curve in curves.items()}
     print("\ntraining seconds (sum of epoch times): " + ", ".join(f"{arm} {s:.0f}" for arm, s in seconds.items()))
