@@ -69,6 +69,42 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {  # size -> (embed_dim, depth, num
 }
 
 
+def _check_layout(
+    depth: int, default_depth: int, patch_size: int, return_strides: tuple[int, ...], drop_path: float,
+    window_size: int, global_blocks: tuple[int, ...], use_cls_token: bool, pretrain_image_size: int, out_channels: int,
+) -> dict[int, float]:
+    """Check the trunk's and pyramid's settings; return the strides on offer and their scale of the patch grid."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1 (or None for {default_depth}), got {depth}")
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    offered = {patch_size // 2: 0.5, patch_size: 1.0, 2 * patch_size: 2.0, 4 * patch_size: 4.0}
+    if patch_size % 2:
+        del offered[patch_size // 2]
+    strides = tuple(return_strides)
+    if not strides or len(set(strides)) != len(strides) or not set(strides) <= set(offered):
+        raise ValueError(
+            f"return_strides must be a non-empty selection without repeats of {tuple(sorted(offered))} "
+            f"(patch_size={patch_size}), got {tuple(return_strides)}"
+        )
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+    if window_size < 0:
+        raise ValueError(f"window_size must be 0 (global attention) or a number of patches > 0, got {window_size}")
+    if any(not 0 <= b < depth for b in global_blocks):
+        raise ValueError(f"global_blocks must be block indices in 0..{depth - 1}, got {tuple(global_blocks)}")
+    if window_size and use_cls_token:
+        raise ValueError(
+            "use_cls_token=True needs window_size=0: a [CLS] token belongs to no window; set "
+            "use_cls_token=False for windowed attention (ViTDet drops [CLS] and keeps its position entry out)"
+        )
+    if pretrain_image_size % patch_size:
+        raise ValueError(f"pretrain_image_size={pretrain_image_size} must be a multiple of patch_size={patch_size}")
+    if out_channels < 1:
+        raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+    return offered
+
+
 def _check_attention_options(
     size: str,
     num_heads: int,
@@ -178,34 +214,8 @@ class ViTBackbone(nn.Module):
         embed_dim, default_depth, default_heads = VIT_SIZES[size]
         depth = default_depth if depth is None else depth
         num_heads = default_heads if num_heads is None else num_heads
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1 (or None for {default_depth}), got {depth}")
-        if patch_size < 1:
-            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
-        offered = {patch_size // 2: 0.5, patch_size: 1.0, 2 * patch_size: 2.0, 4 * patch_size: 4.0}
-        if patch_size % 2:
-            del offered[patch_size // 2]
-        strides = tuple(return_strides)
-        if not strides or len(set(strides)) != len(strides) or not set(strides) <= set(offered):
-            raise ValueError(
-                f"return_strides must be a non-empty selection without repeats of {tuple(sorted(offered))} "
-                f"(patch_size={patch_size}), got {tuple(return_strides)}"
-            )
-        if not 0.0 <= drop_path < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
-        if window_size < 0:
-            raise ValueError(f"window_size must be 0 (global attention) or a number of patches > 0, got {window_size}")
-        if any(not 0 <= b < depth for b in global_blocks):
-            raise ValueError(f"global_blocks must be block indices in 0..{depth - 1}, got {tuple(global_blocks)}")
-        if window_size and use_cls_token:
-            raise ValueError(
-                "use_cls_token=True needs window_size=0: a [CLS] token belongs to no window; set "
-                "use_cls_token=False for windowed attention (ViTDet drops [CLS] and keeps its position entry out)"
-            )
-        if pretrain_image_size % patch_size:
-            raise ValueError(f"pretrain_image_size={pretrain_image_size} must be a multiple of patch_size={patch_size}")
-        if out_channels < 1:
-            raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+        offered = _check_layout(depth, default_depth, patch_size, return_strides, drop_path, window_size, global_blocks,
+                                use_cls_token, pretrain_image_size, out_channels)
         _check_attention_options(
             size, num_heads, use_cls_token, relative_position, relative_position_max_distance, conv_radius,
             position_interpolation, weights_interpolation,
