@@ -190,3 +190,42 @@ def test_denoising_terms_exist_for_a_batch_without_targets() -> None:
     for name in ("loss_class_dn", "loss_bbox_dn", "loss_giou_dn", "loss_class_aux0_dn"):
         assert result.terms[name] == 0.0
     assert torch.isfinite(result.loss)
+
+
+def _tiny_dino(dn_number: int) -> torch.nn.Module:
+    from detr_kit.build import build_model
+    from detr_kit.config import load_config
+
+    from tiny_models import TINY_DEFORMABLE
+
+    overrides = [*TINY_DEFORMABLE, "model.deformable.box_refine=true", "model.deformable.two_stage=true",
+                 "model.deformable.mixed_query_selection=true", "model.deformable.look_forward_twice=true",
+                 "model.deformable.share_heads=true", "model.deformable.decoder_norm=true",
+                 f"model.deformable.dn_number={dn_number}"]
+    torch.manual_seed(0)
+    return build_model(load_config("configs/deformable_detr.yaml", overrides))
+
+
+def test_denoising_queries_change_nothing_the_matching_queries_compute() -> None:
+    """End to end: the same weights with and without denoising give the matching queries the same outputs, in
+    training (the mask hides the denoising queries from them) and in evaluation (where none are made), so the
+    inference cost and results are those of the model without denoising."""
+    with_dn, without_dn = _tiny_dino(dn_number=12), _tiny_dino(dn_number=0)
+    missing = without_dn.load_state_dict(with_dn.state_dict(), strict=False)
+    assert missing.unexpected_keys == ["denoising.label_enc.weight"] and not missing.missing_keys
+    images, mask = torch.randn(2, 3, 64, 80), torch.zeros(2, 64, 80, dtype=torch.bool)
+    mask[1, :, 60:] = True
+    targets = [Target(torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2], [0.5, 0.5, 0.4, 0.4]]), [0, 2, 1]),
+               Target(torch.zeros(0, 4), [])]
+    for train in (True, False):
+        with_dn.train(train), without_dn.train(train)
+        got = with_dn(images, mask, targets=targets)
+        expected = without_dn(images, mask)
+        assert (got.denoising is not None) == train
+        if train:
+            assert got.denoising.num_groups == 4 and got.denoising.logits.shape[2] == 4 * 2 * 3  # 12 // 3 groups
+        torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.boxes, expected.boxes, atol=1e-5, rtol=0)
+        for (logits, boxes), (logits_ref, boxes_ref) in zip(got.aux, expected.aux):
+            torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(boxes, boxes_ref, atol=1e-5, rtol=0)
