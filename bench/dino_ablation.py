@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +140,30 @@ def time_variants(names: list[str], repeats: int, threads: int, data_root: Path)
     return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
+def train_all(args: argparse.Namespace) -> dict[str, dict]:
+    """Train every variant, ``--jobs`` at a time (each run is deterministic and measured in steps, so running them
+    side by side changes their wall times, not their AP), in the order of ``--variants``."""
+    work_dir = ROOT / args.work_dir
+
+    def run(name: str) -> dict:
+        load = wait_for_quiet(args.max_load, 30.0, args.max_wait_s)
+        print(f"{name}: training (load {load:.2f})", flush=True)
+        result = train_variant(name, work_dir, args.epochs, args.max_steps, args.threads)
+        print(f"{name}: AP per epoch {[round(v, 3) for v in result['ap']]} ({result['wall_s'] / 60:.1f} min)", flush=True)
+        return {**result, "load_at_start": load}
+
+    if args.jobs > 1:  # the shared dataset is written once, before the runs start side by side
+        from detr_kit.build import build_datasets
+        from detr_kit.config import load_config
+
+        config, overrides = VARIANTS[args.variants[0]]
+        cfg = load_config(config, [*overrides, *budget_overrides(work_dir / "data", args.epochs, args.max_steps)])
+        build_datasets(cfg)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {name: pool.submit(run, name) for name in args.variants}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def steps_to_reach(ap: list[float], target: float, steps_per_epoch: int) -> int | None:
     """Steps of the first epoch whose AP reaches ``target`` (evaluated once per epoch), or None."""
     for epoch, value in enumerate(ap, start=1):
@@ -179,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: the quickstart's 8)")
     parser.add_argument("--max-steps", type=int, default=None, help="steps per epoch for a quick try (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: two oversubscribe a busy 2-core box)")
+    parser.add_argument("--jobs", type=int, default=1, help="variants trained side by side (1 = one after the other)")
     parser.add_argument("--timing-repeats", type=int, default=10)
     parser.add_argument("--timing-only", action="store_true")
     parser.add_argument("--max-load", type=float, default=2.5, help="start each run below this 1-minute load")
@@ -190,13 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loads": {}}
     steps_per_epoch = (args.max_steps or 128)
     if not args.timing_only:
-        results["runs"] = {}
-        for name in args.variants:
-            results["loads"][name] = wait_for_quiet(args.max_load, 30.0, args.max_wait_s)
-            print(f"{name}: training (load {results['loads'][name]:.2f})", flush=True)
-            results["runs"][name] = train_variant(name, ROOT / args.work_dir, args.epochs, args.max_steps, args.threads)
-            print(f"{name}: AP per epoch {[round(v, 3) for v in results['runs'][name]['ap']]} "
-                  f"({results['runs'][name]['wall_s'] / 60:.1f} min)", flush=True)
+        results["runs"] = train_all(args)
     results["loads"]["timing"] = wait_for_quiet(args.max_load, 30.0, args.max_wait_s)
     results["timing"] = time_variants(args.variants, args.timing_repeats, args.threads, ROOT / args.work_dir / "data")
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
