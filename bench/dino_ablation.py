@@ -87,10 +87,14 @@ def train_variant(name: str, out_dir: Path, epochs: int | None, max_steps: int |
     wall = time.time() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return {"wall_s": wall, **read_run(run_dir)}
+
+
+def read_run(run_dir: Path) -> dict:
+    """AP, AP50, epoch time and step of every evaluated epoch in a run folder's metrics.jsonl."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     epochs_done = [r for r in records if "val/AP" in r]
     return {
-        "wall_s": wall,
         "ap": [r["val/AP"] for r in epochs_done],
         "ap50": [r["val/AP50"] for r in epochs_done],
         "epoch_time_s": [r["time_s"] for r in epochs_done],
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="variants trained side by side (1 = one after the other)")
     parser.add_argument("--timing-repeats", type=int, default=10)
     parser.add_argument("--timing-only", action="store_true")
+    parser.add_argument("--collect", action="store_true", help="only print the table of the runs in --work-dir")
+    parser.add_argument("--timing-json", default=None, help="with --collect: a --timing-only run's --out")
     parser.add_argument("--max-load", type=float, default=2.5, help="start each run below this 1-minute load")
     parser.add_argument("--max-wait-s", type=float, default=3600.0, help="give up waiting for quiet after this")
     parser.add_argument("--work-dir", default="runs/dino_ablation", help="the runs' folders (one per variant)")
@@ -214,6 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     results: dict = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loads": {}}
+    if args.collect:  # the table of runs already in --work-dir (e.g. of an interrupted invocation), with --timing-json
+        runs = {}
+        for name in args.variants:
+            if (ROOT / args.work_dir / name / "metrics.jsonl").is_file():
+                run = read_run(ROOT / args.work_dir / name)
+                runs[name] = {"wall_s": sum(run["epoch_time_s"]), **run}
+        timing = json.loads(Path(args.timing_json).read_text())["timing"] if args.timing_json else {}
+        print(markdown({"runs": runs, "timing": timing}, args.max_steps or 128))
+        return 0
     steps_per_epoch = (args.max_steps or 128)
     if not args.timing_only:
         results["runs"] = train_all(args)
