@@ -33,7 +33,9 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 VARIANTS: dict[str, tuple[Path, list[str]]] = {
     "quickstart": (QUICKSTART, []),
     "cdn": (QUICKSTART, ["model.deformable.dn_number=20"]),
-    "mixed_selection": (QUICKSTART, ["model.deformable.two_stage=true", "model.deformable.mixed_query_selection=true"]),
+    # the quickstart's 30 queries (two-stage would keep 300 proposals by default: ten times the decoder's work)
+    "mixed_selection": (QUICKSTART, ["model.deformable.two_stage=true", "model.deformable.num_proposals=30",
+                                     "model.deformable.mixed_query_selection=true"]),
     "look_forward_twice": (QUICKSTART, ["model.deformable.look_forward_twice=true"]),
     "all": (ROOT / "configs" / "quickstart_dino.yaml", []),
 }
