@@ -126,20 +126,25 @@ def _build_detr(m: ModelConfig, num_classes: int) -> nn.Module:
 
 
 def _build_deformable_detr(m: ModelConfig, num_classes: int) -> nn.Module:
+    from torch import nn
+
     from detr_kit.models import deformable as parts
     from detr_kit.models.deformable_detr import DeformableDETR
-    from detr_kit.models.heads import deformable_heads
+    from detr_kit.models.heads import MLP, deformable_heads
     from detr_kit.models.position import SinePositionEncoding
 
     d = m.deformable
     c5_stride = 16 if m.backbone.dilation else 32  # DC5: layer4 dilated instead of strided
-    backbone = build_backbone(m.backbone, (8, 16, c5_stride)[-parts.backbone_level_count(d.num_feature_levels) :])
+    num_backbone_levels = d.num_backbone_levels or parts.backbone_level_count(d.num_feature_levels)
+    backbone = build_backbone(m.backbone, (4, 8, 16, c5_stride)[-num_backbone_levels:])
     levels = parts.FeatureLevels(backbone.channels, m.hidden_dim, d.num_feature_levels)
-    if m.position_embedding == "sine":  # Deformable-DETR's sine encoding measures from pixel centres (offset -0.5)
-        position = SinePositionEncoding(m.hidden_dim // 2, temperature=10000.0, normalize=True, scale=2 * math.pi, offset=-0.5)
+    if m.position_embedding == "sine":  # Deformable-DETR measures from pixel centres (offset -0.5), DINO does not
+        position = SinePositionEncoding(m.hidden_dim // 2, d.sine_temperature, normalize=True, scale=2 * math.pi,
+                                        offset=d.sine_offset)
     else:
         position = build_position_encoding(m)
-    class_embed, bbox_embed = deformable_heads(m.hidden_dim, num_classes, m.num_decoder_layers, d.box_refine, d.two_stage)
+    class_embed, bbox_embed = deformable_heads(m.hidden_dim, num_classes, m.num_decoder_layers, d.box_refine,
+                                               d.two_stage, d.share_heads, box_queries=d.anchor_queries)
     sizes = (m.hidden_dim, m.dim_feedforward, d.num_feature_levels, m.num_heads)
     encoder_layer = parts.DeformableEncoderLayer(*sizes, d.enc_points, m.dropout, m.activation_dropout)
     decoder_layer = parts.DeformableDecoderLayer(*sizes, d.dec_points, m.dropout, m.attention_dropout, m.activation_dropout)
@@ -147,10 +152,18 @@ def _build_deformable_detr(m: ModelConfig, num_classes: int) -> nn.Module:
     decoder = parts.DeformableDecoder(
         decoder_layer, m.num_decoder_layers,
         bbox_embed=bbox_embed if d.box_refine else None, class_embed=class_embed if d.two_stage else None,
+        ref_point_head=MLP(2 * m.hidden_dim, m.hidden_dim, m.hidden_dim, 2) if d.anchor_queries else None,
+        norm=nn.LayerNorm(m.hidden_dim) if d.decoder_norm else None, look_forward_twice=d.look_forward_twice,
     )
-    transformer = parts.DeformableTransformer(encoder, decoder, two_stage=d.two_stage, num_proposals=d.num_proposals)
     num_queries = d.num_proposals if d.two_stage else m.num_queries
-    return DeformableDETR(backbone, levels, position, transformer, class_embed, bbox_embed, num_queries, m.aux_loss)
+    transformer = parts.DeformableTransformer(encoder, decoder, two_stage=d.two_stage, num_proposals=d.num_proposals,
+                                              anchor_queries=num_queries if d.anchor_queries else 0)
+    denoising = None
+    if d.dn_number > 0:
+        denoising = parts.ContrastiveDenoising(num_classes, m.hidden_dim, d.dn_number, d.dn_label_noise_ratio,
+                                               d.dn_box_noise_scale)
+    return DeformableDETR(backbone, levels, position, transformer, class_embed, bbox_embed, num_queries, m.aux_loss,
+                          denoising)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -184,6 +197,7 @@ def build_criterion(cfg: Config | ModelConfig, num_classes: int | None = None) -
         focal=m.uses_focal,
         focal_alpha=m.loss.focal_alpha,
         focal_gamma=m.loss.focal_gamma,
+        encoder_class_agnostic=m.deformable is None or not m.deformable.mixed_query_selection,
     )
 
 

@@ -118,6 +118,24 @@ class DeformableConfig:
     num_proposals: int = 300  # two-stage: encoder proposals kept as decoder queries
     activation_checkpointing: bool = False  # recompute whole encoder layers in backward (least memory, slower)
     ffn_checkpointing: bool = True  # model.fast only: recompute the encoder's feed-forward blocks in backward
+    num_backbone_levels: int | None = None  # backbone levels used: None = the deepest min(L, 3) of C3-C5; 4 = C2-C5
+    sine_temperature: float = 10000.0  # temperature of the sine position encoding (DINO: 20)
+    sine_offset: float = -0.5  # coordinate offset of the sine position encoding (-0.5: pixel centres; DINO: 0.0)
+    # DINO's training ideas (Zhang et al. 2022), each on its own; the defaults are Deformable-DETR. Denoising and
+    # mixed query selection make the queries anchor boxes (learned content + a box whose sine embedding gives the
+    # positional query at every decoder layer); without two-stage the anchors are learned.
+    dn_number: int = 0  # contrastive denoising: queries of each kind (positive / negative) per batch to aim for; 0 = off
+    dn_label_noise_ratio: float = 0.5  # a denoising query's label is redrawn with probability ratio / 2 (DINO's rule)
+    dn_box_noise_scale: float = 0.4  # corner noise in half box sizes: positives below it, negatives up to twice it
+    mixed_query_selection: bool = False  # two-stage anchors from the encoder, static learned content (needs two_stage)
+    look_forward_twice: bool = False  # predict each layer's box from the previous layer's undetached box (box_refine)
+    share_heads: bool = False  # one class and one box head for every decoder layer (DINO; needs box_refine)
+    decoder_norm: bool = False  # a LayerNorm on every decoder layer's output before the heads (DINO)
+
+    @property
+    def anchor_queries(self) -> bool:
+        """Whether the queries are anchor boxes (denoising or mixed query selection need them)."""
+        return self.dn_number > 0 or self.mixed_query_selection
 
 
 @dataclass(frozen=True)
@@ -296,6 +314,9 @@ def _validate(cfg: Config, source: str) -> None:
                  "1..5 (C3-C5 from the backbone plus extra stride-2 levels)")
         if f.two_stage and not f.box_refine:
             fail("model.deformable.box_refine", f.box_refine, "true when model.deformable.two_stage is on (as in the reference code)")
+        _validate_dino(f, fail)
+        if f.num_backbone_levels == 4 and m.backbone.name in VITS:
+            fail("model.deformable.num_backbone_levels", 4, "at most 3 for ViT backbones (their pyramid starts at stride 8)")
         if m.hidden_dim % 32:
             fail("model.hidden_dim", m.hidden_dim, "a multiple of 32 for Deformable-DETR (its input projections' GroupNorm has 32 groups)")
     if not 0 <= m.backbone.trainable_stages <= 5:
@@ -357,6 +378,26 @@ def _validate_vit(v: ViTConfig, width: int, fail: Any) -> None:
         if v.relative_position:
             fail(f"{key}.relative_position", True,
                  "false with conv_radius > 0 (the conversion to attention creates the relative position tables)")
+
+
+def _validate_dino(f: DeformableConfig, fail: Any) -> None:
+    """The DINO options of ``model.deformable`` (and the level split they may change)."""
+    if f.num_backbone_levels is not None and not 1 <= f.num_backbone_levels <= min(4, f.num_feature_levels):
+        fail("model.deformable.num_backbone_levels", f.num_backbone_levels,
+             f"null or 1..{min(4, f.num_feature_levels)} (at most 4 = C2-C5 and at most num_feature_levels)")
+    if not math.isfinite(f.sine_temperature) or f.sine_temperature <= 0:
+        fail("model.deformable.sine_temperature", f.sine_temperature, "a number > 0")
+    if f.dn_number < 0:
+        fail("model.deformable.dn_number", f.dn_number, "an integer >= 0 (0 turns contrastive denoising off)")
+    if not 0.0 <= f.dn_label_noise_ratio <= 1.0:
+        fail("model.deformable.dn_label_noise_ratio", f.dn_label_noise_ratio, "a number in [0, 1]")
+    if not math.isfinite(f.dn_box_noise_scale) or f.dn_box_noise_scale < 0:
+        fail("model.deformable.dn_box_noise_scale", f.dn_box_noise_scale, "a number >= 0")
+    if f.mixed_query_selection and not f.two_stage:
+        fail("model.deformable.two_stage", f.two_stage, "true when mixed_query_selection is on (anchors from the encoder)")
+    for key in ("look_forward_twice", "share_heads"):
+        if getattr(f, key) and not f.box_refine:
+            fail("model.deformable.box_refine", f.box_refine, f"true when model.deformable.{key} is on")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -78,19 +78,41 @@ class Target:
         )
 
 
+class DenoisingOutput(NamedTuple):
+    """The predictions of contrastive denoising queries (DINO; training with targets only).
+
+    The P = G * 2 * T_max queries form G groups of 2 * T_max, T_max the batch's largest target count. In group g,
+    query ``g * 2 * T_max + j`` is a positive (a noised copy of target j of its image, to be reconstructed) and
+    query ``g * 2 * T_max + T_max + j`` a negative (a farther copy, to be classified as no object); slots j >= T_b
+    of an image with T_b targets are padding (also no object).
+
+    logits:     [D', B, P, K] class logits; D' = every decoder layer (shallowest first), or the last alone without
+                aux loss.
+    boxes:      [D', B, P, 4] cxcywh in 0..1.
+    num_groups: G (0 when no image of the batch has a target: then P = 0).
+    """
+
+    logits: Tensor
+    boxes: Tensor
+    num_groups: int
+
+
 class DetectionOutput(NamedTuple):
     """What every detector returns, in train and eval mode alike.
 
-    logits:  [B, Q, K + 1] for softmax heads (last column = no object) or [B, Q, K] for sigmoid heads.
-    boxes:   [B, Q, 4] cxcywh in 0..1, relative to the unpadded image.
-    aux:     one (logits, boxes) pair per earlier decoder layer, shallowest first; empty without aux loss.
-    encoder: two-stage encoder proposals (logits [B, S, K], boxes [B, S, 4]) or None.
+    logits:    [B, Q, K + 1] for softmax heads (last column = no object) or [B, Q, K] for sigmoid heads.
+    boxes:     [B, Q, 4] cxcywh in 0..1, relative to the unpadded image.
+    aux:       one (logits, boxes) pair per earlier decoder layer, shallowest first; empty without aux loss.
+    encoder:   two-stage encoder proposals (logits [B, S, K], boxes [B, S, 4]; with mixed query selection the Q
+               selected ones, [B, Q, K] and [B, Q, 4]) or None.
+    denoising: the denoising queries' predictions (training with targets and contrastive denoising only), else None.
     """
 
     logits: Tensor
     boxes: Tensor
     aux: tuple[tuple[Tensor, Tensor], ...] = ()
     encoder: tuple[Tensor, Tensor] | None = None
+    denoising: DenoisingOutput | None = None
 
 
 class LossOutput(NamedTuple):

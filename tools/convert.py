@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Convert an official DETR / Deformable-DETR or a Hugging Face checkpoint into a detr_kit checkpoint.
+"""Convert an official DETR / Deformable-DETR / DINO or a Hugging Face checkpoint into a detr_kit checkpoint.
 
     python tools/convert.py detr-r50-e632da11.pth --out weights/detr_r50_coco.pth
     python tools/convert.py r50_deformable_detr_plus_iterative_bbox_refinement-checkpoint.pth --out weights/ddetr_refine.pth
     python tools/convert.py detr-r50-dc5-f0fb7ef5.pth --out weights/detr_dc5.pth          # "dc5" in the name -> DC5
+    python tools/convert.py checkpoint0011_4scale.pth --out weights/dino_4scale.pth       # IDEA-Research/DINO
     python tools/convert.py path/to/hf_save_pretrained_folder --out weights/hf_detr.pth --config configs/detr_r50.yaml
 
     python tools/convert.py --to-attention runs/vit_two_phase_phase1/last.pth --out runs/vit_two_phase_phase1/attention.pth
 
-The variant (DETR / DC5 / R101 / Deformable single- or multi-scale, +refine, +two-stage) is read from the keys.
+The variant (DETR / DC5 / R101 / Deformable single- or multi-scale, +refine, +two-stage, DINO 4- or 5-scale) is
+read from the keys.
 The config is --config, or the matching configs/*.yaml, with the detected values (classes, queries, layers,
 backbone, ...) applied on top. The label map is COCO's 91-slot layout of the released models (label ==
 category id, "N/A" for unused ids), or the Hugging Face config's id2label when it has one. The result loads
@@ -60,6 +62,9 @@ def default_config(overrides: dict) -> Path:
     """The configs/*.yaml closest to the detected variant (the overrides set every architecture field anyway)."""
     if "model.deformable" in overrides:  # set to None: DETR
         names = ["detr_r50.yaml"]
+    elif overrides.get("model.deformable.mixed_query_selection") or overrides.get("model.deformable.dn_number"):
+        five_scale = overrides.get("model.deformable.num_backbone_levels") == 4
+        names = ["dino_r50_5scale.yaml" if five_scale else "dino_r50_4scale.yaml", "deformable_detr_two_stage.yaml"]
     elif overrides.get("model.deformable.two_stage"):
         names = ["deformable_detr_two_stage.yaml", "deformable_detr_refine.yaml", "deformable_detr.yaml"]
     elif overrides.get("model.deformable.box_refine"):

@@ -197,8 +197,9 @@ def load_pretrained(
     Accepts detr_kit checkpoints, official DETR / Deformable-DETR checkpoints (``.pth``, raw or under
     ``model``) and Hugging Face ``DetrForObjectDetection`` / ``DeformableDetrForObjectDetection`` weights
     (a ``save_pretrained`` folder, ``.safetensors``, ``.bin`` or a state dict); the format is detected from the
-    keys. Every tensor whose name and shape match is copied. If the class heads do not match (another class
-    count) they are re-initialised; other mismatches stay as the model initialised them.
+    keys. Every tensor whose name and shape match is copied. If the class heads (and DINO's denoising label
+    embedding) do not match (another class count) they are re-initialised; other mismatches stay as the model
+    initialised them.
 
     Args:
         model: the detr_kit detector (it may be wrapped by torch.compile or DDP).
@@ -235,6 +236,12 @@ def load_pretrained(
 
     reinitialized: list[str] = []
     num_classes = getattr(target, "num_classes", None)
+    for name, module in target.named_modules():
+        key = f"{name}.weight"
+        if name.split(".")[-1] == "label_enc" and isinstance(module, nn.Embedding) and key in conflicts:
+            module.reset_parameters()  # DINO's denoising label embedding has one row per class (+1)
+            reinitialized.append(key)
+            del conflicts[key]
     for name, head in _class_heads(target).items():
         keys = [f"{name}.{p}" for p, _ in head.named_parameters()]
         if any(k in conflicts for k in keys):

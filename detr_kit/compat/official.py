@@ -1,4 +1,4 @@
-"""Official DETR and Deformable-DETR checkpoints -> detr_kit state dicts.
+"""Official DETR, Deformable-DETR and DINO checkpoints -> detr_kit state dicts.
 
 The detr_kit models keep the official module names (see docs/architecture.md), so the mapping is short and
 explicit: every official key is matched by exactly one rule of ``_RULES`` below, or the conversion fails with a
@@ -14,8 +14,14 @@ list of the keys no rule knows. What differs:
   the same modules under the same names, so the copies stay; they are checked to be equal, so that a
   checkpoint whose copies drifted apart is an error instead of a silent choice of one of them.
 
-The variant (DETR, DC5, R101, Deformable single-/multi-scale, +refine, +two-stage) is read from the keys and
-shapes; ``detect_official_variant`` returns it as config overrides.
+- DINO (IDEA-Research/DINO) keeps the encoder-proposal heads on the transformer
+  (``transformer.enc_out_{class,bbox}_embed``); detr_kit keeps them as the last entry of the two-stage heads, as
+  Deformable-DETR does (``class_embed.{D}``, aliased by ``transformer.decoder.class_embed.{D}``). Its decoder heads
+  are one module repeated (``class_embed.{i}`` all the same tensors), which detr_kit shares as well
+  (``model.deformable.share_heads``); ``label_enc`` is ``denoising.label_enc``.
+
+The variant (DETR, DC5, R101, Deformable single-/multi-scale, +refine, +two-stage, DINO 4-/5-scale) is read from the
+keys and shapes; ``detect_official_variant`` returns it as config overrides.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ COCO_NUM_SLOTS = 91
 # The official defaults the weights cannot tell (argparse defaults of both main.py files).
 _DEFAULT_NUM_HEADS = 8
 _DEFAULT_TWO_STAGE_QUERIES = 300
+# ... and those of DINO's config/DINO/DINO_4scale.py.
+_DINO_DEFAULTS = {"dn_number": 100, "dn_label_noise_ratio": 0.5, "dn_box_noise_scale": 0.4, "pe_temperatureH": 20}
 
 _NUM = r"(\d+)"
 _WB = r"(weight|bias)"
@@ -90,7 +98,13 @@ _RULES: tuple[Rule, ...] = _rules(
     # the decoder's handles on the refinement / two-stage heads (checked by _check_aliases)
     (rf"transformer\.decoder\.class_embed\.{_NUM}\.{_WB}", r"\g<0>"),
     (rf"transformer\.decoder\.bbox_embed\.{_NUM}\.layers\.{_NUM}\.{_WB}", r"\g<0>"),
+    # DINO (names identical, but for the denoising label embedding)
+    (rf"transformer\.decoder\.ref_point_head\.layers\.{_NUM}\.{_WB}", r"\g<0>"),
+    (r"transformer\.(tgt_embed|refpoint_embed)\.weight", r"\g<0>"),
+    (r"label_enc\.weight", r"denoising.label_enc.weight"),
 )
+# DINO's encoder-proposal heads, moved to the two-stage layout by _move_dino_encoder_heads before the rules apply.
+_DINO_ENCODER_HEAD = re.compile(r"^transformer\.enc_out_(class_embed|bbox_embed)\.(.+)$")
 
 # Keys the official code keeps twice (the decoder's handle on the refinement / two-stage heads).
 _ALIAS = re.compile(r"^transformer\.decoder\.(bbox_embed|class_embed)\.(.+)$")
@@ -154,11 +168,45 @@ def _count_layers(state_dict: Mapping[str, Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def detect_official_variant(checkpoint: Mapping[str, Any], dilation: bool | None = None) -> dict[str, Any]:
-    """Read the model variant of an official DETR / Deformable-DETR checkpoint from its keys and shapes.
+def is_dino_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether the keys are IDEA-Research/DINO's (anchor queries: the decoder's ``ref_point_head``)."""
+    return any(k.startswith("transformer.decoder.ref_point_head.") for k in state_dict)
 
-    What the weights cannot tell (head count, DC5 dilation, two-stage proposal count) comes from the
-    checkpoint's ``args`` when it has them, else from the official defaults (8 heads, no dilation, 300).
+
+def _dino_overrides(state_dict: Mapping[str, Tensor], args: Mapping[str, Any], num_decoder_layers: int) -> dict[str, Any]:
+    """The DINO options of a DINO checkpoint (what the weights cannot tell from ``args`` or DINO's defaults)."""
+    def arg(name: str) -> Any:
+        return args.get(name, _DINO_DEFAULTS[name])
+
+    two_stage = "transformer.enc_output.weight" in state_dict
+    extra_convs = sum(1 for k, v in state_dict.items() if re.fullmatch(r"input_proj\.\d+\.0\.weight", k) and v.shape[-1] == 3)
+    levels = int(state_dict["transformer.level_embed"].shape[0])
+    shared = all(
+        torch.equal(state_dict[f"{head}.{i}.{param}"], state_dict[f"{head}.0.{param}"])
+        for head, param in (("class_embed", "weight"), ("bbox_embed", "layers.0.weight"))
+        for i in range(1, num_decoder_layers)
+    )
+    use_dn = "label_enc.weight" in state_dict and bool(args.get("use_dn", True))
+    return {
+        "model.deformable.num_backbone_levels": levels - extra_convs,
+        "model.deformable.sine_temperature": float(arg("pe_temperatureH")),
+        "model.deformable.sine_offset": 0.0,
+        "model.deformable.dn_number": int(arg("dn_number")) if use_dn else 0,
+        "model.deformable.dn_label_noise_ratio": float(arg("dn_label_noise_ratio")),
+        "model.deformable.dn_box_noise_scale": float(arg("dn_box_noise_scale")),
+        "model.deformable.mixed_query_selection": two_stage,
+        "model.deformable.look_forward_twice": True,  # DINO's decoder always predicts from the undetached boxes
+        "model.deformable.share_heads": shared,
+        "model.deformable.decoder_norm": "transformer.decoder.norm.weight" in state_dict,
+    }
+
+
+def detect_official_variant(checkpoint: Mapping[str, Any], dilation: bool | None = None) -> dict[str, Any]:
+    """Read the model variant of an official DETR / Deformable-DETR / DINO checkpoint from its keys and shapes.
+
+    What the weights cannot tell (head count, DC5 dilation, two-stage proposal count, DINO's denoising settings and
+    position temperature) comes from the checkpoint's ``args`` when it has them, else from the official defaults
+    (8 heads, no dilation, 300 proposals; DINO-4scale's config).
 
     Args:
         checkpoint: a state dict or the raw ``torch.load`` dict with a ``model`` entry.
@@ -175,6 +223,9 @@ def detect_official_variant(checkpoint: Mapping[str, Any], dilation: bool | None
     """
     state_dict, args = unwrap_checkpoint(checkpoint)
     deformable = "transformer.level_embed" in state_dict
+    dino = deformable and is_dino_state_dict(state_dict)
+    if dino:
+        state_dict = _move_dino_encoder_heads(state_dict)
     if not deformable and "transformer.decoder.norm.weight" not in state_dict:
         raise ValueError(
             "not an official DETR / Deformable-DETR state dict: neither 'transformer.level_embed' nor "
@@ -215,7 +266,9 @@ def detect_official_variant(checkpoint: Mapping[str, Any], dilation: bool | None
             )
         return rows // (num_heads * num_levels)
 
-    if two_stage:
+    if dino:
+        num_queries = int(state_dict["transformer.tgt_embed.weight"].shape[0])
+    elif two_stage:
         num_queries = int(args.get("num_queries", _DEFAULT_TWO_STAGE_QUERIES))
     else:
         num_queries = int(state_dict["query_embed.weight"].shape[0])
@@ -232,6 +285,8 @@ def detect_official_variant(checkpoint: Mapping[str, Any], dilation: bool | None
             "model.deformable.two_stage": two_stage,
         }
     )
+    if dino:
+        overrides.update(_dino_overrides(state_dict, args, overrides["model.num_decoder_layers"]))
     return overrides
 
 
@@ -269,6 +324,24 @@ def rename_keys(state_dict: Mapping[str, Tensor], rules: tuple[Rule, ...], what:
     return renamed
 
 
+def _move_dino_encoder_heads(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """DINO's ``transformer.enc_out_{class,bbox}_embed.*`` as the two-stage layout's last heads: ``{head}.{D}.*`` and
+    the decoder's handle ``transformer.decoder.{head}.{D}.*`` (one tensor under both names); other keys unchanged."""
+    num_layers = _count_layers(state_dict, "transformer.decoder.layers.")
+    moved: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        match = _DINO_ENCODER_HEAD.match(key)
+        if match is None:
+            moved[key] = value
+            continue
+        head, rest = match.groups()
+        for name in (f"{head}.{num_layers}.{rest}", f"transformer.decoder.{head}.{num_layers}.{rest}"):
+            if name in state_dict:
+                raise ValueError(f"DINO checkpoint: both {key!r} and {name!r} are present")
+            moved[name] = value
+    return moved
+
+
 def _check_aliases(state_dict: Mapping[str, Tensor], what: str) -> None:
     """Check that ``transformer.decoder.{bbox,class}_embed.*`` equal the top-level heads they alias."""
     for key in list(state_dict):
@@ -304,7 +377,8 @@ def _fold_shared_heads(state_dict: dict[str, Tensor], what: str) -> None:
 def convert_official_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
     """Convert an official DETR / Deformable-DETR checkpoint to detr_kit key names.
 
-    Covers DETR (R50, R101, DC5), Deformable-DETR single- and multi-scale, with box refinement and two-stage.
+    Covers DETR (R50, R101, DC5), Deformable-DETR single- and multi-scale, with box refinement and two-stage, and
+    DINO (4- and 5-scale).
 
     Args:
         checkpoint: the state dict, or the raw ``torch.load`` dict holding it under ``model``.
@@ -318,6 +392,8 @@ def convert_official_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tens
     """
     state_dict, _ = unwrap_checkpoint(checkpoint)
     what = "official checkpoint"
+    if is_dino_state_dict(state_dict):
+        state_dict = _move_dino_encoder_heads(state_dict)
     # num_batches_tracked is a BatchNorm counter that frozen batch norm has no use for
     state_dict = {k: v for k, v in state_dict.items() if not (k.startswith("backbone.") and k.endswith("num_batches_tracked"))}
     converted = rename_keys(state_dict, _RULES, what)
@@ -337,6 +413,7 @@ __all__ = [
     "coco_label_map",
     "convert_official_checkpoint",
     "detect_official_variant",
+    "is_dino_state_dict",
     "overrides_to_strings",
     "rename_keys",
     "unwrap_checkpoint",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -24,7 +25,7 @@ from torch import nn
 from detr_kit.engine import distributed as dist_utils
 from detr_kit.engine.checkpoint import capture_rng_state, restore_rng_state
 from detr_kit.data.loaders import shutdown_workers
-from detr_kit.structures import DetectionOutput, ImageBatch, LossOutput, Target
+from detr_kit.structures import DenoisingOutput, DetectionOutput, ImageBatch, LossOutput, Target
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,6 +59,8 @@ def outputs_sum(output: DetectionOutput) -> torch.Tensor:
         tensors += [logits, boxes]
     if output.encoder is not None:
         tensors += list(output.encoder)
+    if output.denoising is not None:
+        tensors += [output.denoising.logits, output.denoising.boxes]
     return sum(t.float().sum() for t in tensors)
 
 
@@ -65,7 +68,29 @@ def outputs_to_float(output: DetectionOutput) -> DetectionOutput:
     """Cast AMP outputs to float32 so that the matcher and the losses run at full precision."""
     aux = tuple((logits.float(), boxes.float()) for logits, boxes in output.aux)
     encoder = None if output.encoder is None else (output.encoder[0].float(), output.encoder[1].float())
-    return DetectionOutput(output.logits.float(), output.boxes.float(), aux, encoder)
+    denoising = output.denoising
+    if denoising is not None:
+        denoising = DenoisingOutput(denoising.logits.float(), denoising.boxes.float(), denoising.num_groups)
+    return DetectionOutput(output.logits.float(), output.boxes.float(), aux, encoder, denoising)
+
+
+def takes_targets(model: nn.Module) -> bool:
+    """Whether ``model``'s forward accepts ``targets=`` (a detector with training-time uses of them, such as DINO's
+    denoising queries), looking through DDP and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return "targets" in inspect.signature(model.forward).parameters
+
+
+def run_model(model: nn.Module, batch: ImageBatch, targets: Sequence[Target]) -> DetectionOutput:
+    """The training forward pass: ``model(images, mask)``, with ``targets=`` for models that take them."""
+    if takes_targets(model):
+        return model(batch.images, batch.mask, targets=list(targets))
+    return model(batch.images, batch.mask)
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -171,7 +196,7 @@ def _accumulate_gradients(
         sync = model.no_sync() if is_ddp and index < count - 1 else contextlib.nullcontext()
         with sync:
             with autocast(device, amp):
-                output = model(batch.images, batch.mask)
+                output = run_model(model, batch, targets)
             output = outputs_to_float(output)
             result: LossOutput = criterion(output, targets)
             loss = result.loss
@@ -227,7 +252,7 @@ def probe_unused_parameters(
     model.train()
     model.zero_grad(set_to_none=True)
     with autocast(device, amp):
-        output = model(batch.images, batch.mask)
+        output = run_model(model, batch, targets)
     output = outputs_to_float(output)
     (criterion(output, targets).loss + 0.0 * outputs_sum(output)).backward()
     unused = dist_utils.unused_parameters(model)
@@ -237,4 +262,14 @@ def probe_unused_parameters(
     return unused
 
 
-__all__ = ["AMP_DTYPES", "StepResult", "autocast", "outputs_sum", "outputs_to_float", "probe_unused_parameters", "train_step"]
+__all__ = [
+    "AMP_DTYPES",
+    "StepResult",
+    "autocast",
+    "outputs_sum",
+    "outputs_to_float",
+    "probe_unused_parameters",
+    "run_model",
+    "takes_targets",
+    "train_step",
+]

@@ -96,10 +96,12 @@ class FastDeformableDecoderLayer(nn.Module):
         memory: Tensor,
         spatial_shapes: Sequence[tuple[int, int]],
         memory_padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """tgt [B, Q, C], query_pos [B, Q, C], reference_points [B, Q, L, 2|4], memory [B, S, C] -> [B, Q, C]."""
+        """tgt [B, Q, C], query_pos [B, Q, C], reference_points [B, Q, L, 2|4], memory [B, S, C] -> [B, Q, C];
+        self_attn_mask [Q, Q] bool, True where a query must not see another (None: all see all)."""
         q = tgt + query_pos  # [B, Q, C]; the same tensor as key, so q and k project in one matmul
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt)))
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, attn_mask=self_attn_mask)))
         attended = self.cross_attn(
             tgt, reference_points, memory, spatial_shapes, memory_padding_mask, query_pos=query_pos
         )  # [B, Q, C], queries tgt + query_pos

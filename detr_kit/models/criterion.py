@@ -3,7 +3,9 @@
 After Hungarian matching, every query is classified (its matched target's label, or no object) and
 every matched query regresses its target box with L1 and GIoU losses. The same loss is applied to
 each earlier decoder layer (``_aux{i}``) and, for two-stage Deformable-DETR, to the encoder proposals
-(``_enc``, class-agnostic).
+(``_enc``, class-agnostic; with DINO's mixed query selection with the classes). DINO's contrastive denoising
+queries (``_dn``) need no matching: each positive reconstructs the target it was made from, and every other
+denoising query (negatives, padding) is classified as no object.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from torch import Tensor, nn
 
 from detr_kit.models.matcher import HungarianMatcher
 from detr_kit.ops.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from detr_kit.structures import DetectionOutput, LossOutput, Target
+from detr_kit.structures import DenoisingOutput, DetectionOutput, LossOutput, Target
 
-__all__ = ["SetCriterion", "sigmoid_focal_loss"]
+__all__ = ["SetCriterion", "denoising_matches", "sigmoid_focal_loss"]
 
 
 def sigmoid_focal_loss(logits: Tensor, targets_one_hot: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -50,6 +52,30 @@ def _matched_query_index(matches: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tens
     return batch_idx, query_idx
 
 
+def denoising_matches(
+    targets: Sequence[Target], num_groups: int, num_queries: int, device: torch.device
+) -> list[tuple[Tensor, Tensor]]:
+    """The fixed assignment of the positive denoising queries to their targets (layout: ``DenoisingOutput``).
+
+    Args:
+        targets: B targets.
+        num_groups: G.
+        num_queries: P = G * 2 * T_max denoising queries per image.
+        device: where to make the indices.
+
+    Returns:
+        One ``(query_idx, target_idx)`` pair per image, each int64 of length G * T_b: query ``g * 2 * T_max + j``
+        reconstructs target j.
+    """
+    group_size = num_queries // num_groups if num_groups else 0
+    matches = []
+    for target in targets:
+        slots = torch.arange(len(target), device=device)  # [T_b]
+        starts = torch.arange(num_groups, device=device) * group_size  # [G]
+        matches.append(((starts[:, None] + slots[None]).flatten(), slots.repeat(num_groups)))
+    return matches
+
+
 def _mean_box_count_across_ranks(targets: Sequence[Target], device: torch.device) -> Tensor:
     """Target boxes per rank, averaged over all ranks, at least 1 (a float32 scalar on ``device``)."""
     count = torch.tensor(float(sum(len(t) for t in targets)), device=device)
@@ -73,6 +99,8 @@ class SetCriterion(nn.Module):
             ([B, Q, K+1]).
         focal_alpha: alpha of the focal loss.
         focal_gamma: gamma of the focal loss.
+        encoder_class_agnostic: train the encoder proposals (``output.encoder``) as one class, label 0
+            (Deformable-DETR); False trains them with the targets' classes (DINO).
 
     Raises:
         ValueError: for num_classes < 1, a negative weight or a negative eos_coef.
@@ -89,6 +117,7 @@ class SetCriterion(nn.Module):
         focal: bool = False,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        encoder_class_agnostic: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -109,6 +138,7 @@ class SetCriterion(nn.Module):
         self.focal = bool(focal)
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
+        self.encoder_class_agnostic = bool(encoder_class_agnostic)
         empty_weight = torch.ones(num_classes + 1)  # [K+1]; the last class is no object
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -218,7 +248,8 @@ class SetCriterion(nn.Module):
 
         Returns:
             LossOutput: ``loss`` is the sum of the weighted loss terms; ``terms`` holds them detached
-            (``loss_class``, ``loss_bbox``, ``loss_giou`` plus ``_aux{i}`` / ``_enc`` variants) and the
+            (``loss_class``, ``loss_bbox``, ``loss_giou`` plus ``_aux{i}`` / ``_enc`` variants, and with
+            denoising outputs ``_dn`` / ``_aux{i}_dn``, normalised by the box count times the groups) and the
             metrics ``class_error`` and ``cardinality_error``. Non-finite predictions give a non-finite
             loss, not an exception.
 
@@ -241,9 +272,9 @@ class SetCriterion(nn.Module):
         layers = [("", output.logits, output.boxes, targets)]
         layers += [(f"_aux{i}", logits, boxes, targets) for i, (logits, boxes) in enumerate(output.aux)]
         if output.encoder is not None:
-            # Two-stage proposals are class-agnostic: every target is class 0, as in Deformable-DETR.
+            # Deformable-DETR's two-stage proposals are class-agnostic (every target is class 0); DINO's are not.
             agnostic = [Target(t.boxes, torch.zeros_like(t.labels)) for t in targets]
-            layers.append(("_enc", output.encoder[0], output.encoder[1], agnostic))
+            layers.append(("_enc", output.encoder[0], output.encoder[1], agnostic if self.encoder_class_agnostic else targets))
 
         loss = output.logits.new_zeros((), dtype=torch.float32)
         terms: dict[str, Tensor] = {}
@@ -258,4 +289,31 @@ class SetCriterion(nn.Module):
                 terms[name + suffix] = value.detach()
             if suffix == "":
                 terms.update(self.metrics(logits, layer_targets, matches))
+        if output.denoising is not None:
+            for name, value in self.denoising_losses(output.denoising, targets, num_boxes).items():
+                loss = loss + value
+                terms[name] = value.detach()
         return LossOutput(loss, terms)
+
+    def denoising_losses(self, denoising: DenoisingOutput, targets: Sequence[Target], num_boxes: Tensor) -> dict[str, Tensor]:
+        """The weighted class, L1 and GIoU losses of the denoising queries of every layer they cover.
+
+        Args:
+            denoising: the model's DenoisingOutput (layers shallowest first, the last one the final layer).
+            targets: B targets on the predictions' device.
+            num_boxes: scalar, mean target count per rank; the losses are normalised by it times the groups.
+
+        Returns:
+            ``loss_{class,bbox,giou}_dn`` for the last layer and ``..._aux{i}_dn`` for the earlier ones (every
+            term present even when the batch has no target: zero then).
+        """
+        logits, boxes = denoising.logits, denoising.boxes  # [D', B, P, K], [D', B, P, 4]
+        matches = denoising_matches(targets, denoising.num_groups, logits.shape[2], logits.device)
+        normaliser = num_boxes * max(denoising.num_groups, 1)
+        count = logits.shape[0]
+        losses: dict[str, Tensor] = {}
+        for index in range(count):
+            suffix = "_dn" if index == count - 1 else f"_aux{index}_dn"
+            for name, value in self.layer_losses(logits[index], boxes[index], targets, matches, normaliser).items():
+                losses[name + suffix] = value
+        return losses

@@ -48,7 +48,13 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def deformable_heads(
-    hidden_dim: int, num_classes: int, num_decoder_layers: int, box_refine: bool, two_stage: bool
+    hidden_dim: int,
+    num_classes: int,
+    num_decoder_layers: int,
+    box_refine: bool,
+    two_stage: bool,
+    share_heads: bool = False,
+    box_queries: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """Deformable-DETR's class and box heads, initialised as the reference does.
 
@@ -56,6 +62,17 @@ def deformable_heads(
     refinement one head of each kind serves every decoder layer, and its box head starts at boxes of
     ``sigmoid(-2)`` of the image. With refinement each decoder layer has its own pair (cloned from one, then only the
     first box head gets the wh bias); two-stage adds a pair for the encoder proposals and keeps every wh bias at 0.
+
+    Args:
+        hidden_dim: C.
+        num_classes: K.
+        num_decoder_layers: D.
+        box_refine: one pair per decoder layer (in a ModuleList).
+        two_stage: one more pair, last, for the encoder proposals.
+        share_heads: with refinement, the D decoder entries are one and the same pair (DINO); the encoder's stays
+            its own.
+        box_queries: the first layer's references are boxes (two-stage or anchor queries), so no head gets the wh
+            bias (DINO initialises every box head at zero).
 
     Returns:
         (class_embed, bbox_embed): a Linear and an MLP, or ModuleLists of D (two-stage: D + 1) of them.
@@ -66,16 +83,23 @@ def deformable_heads(
     nn.init.zeros_(box_head.layers[-1].weight)
     nn.init.zeros_(box_head.layers[-1].bias)
     if not box_refine:
-        with torch.no_grad():
-            box_head.layers[-1].bias[2:] = INITIAL_BOX_SIZE_LOGIT
+        if not box_queries:
+            with torch.no_grad():
+                box_head.layers[-1].bias[2:] = INITIAL_BOX_SIZE_LOGIT
         return class_head, box_head
-    count = num_decoder_layers + (1 if two_stage else 0)
-    class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(count))
-    bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(count))
-    if not two_stage:
+    if share_heads:
+        class_heads = [class_head] * num_decoder_layers
+        box_heads = [box_head] * num_decoder_layers
+    else:
+        class_heads = [copy.deepcopy(class_head) for _ in range(num_decoder_layers)]
+        box_heads = [copy.deepcopy(box_head) for _ in range(num_decoder_layers)]
+    if two_stage:
+        class_heads.append(copy.deepcopy(class_head))
+        box_heads.append(copy.deepcopy(box_head))
+    if not (two_stage or box_queries):
         with torch.no_grad():
-            bbox_embed[0].layers[-1].bias[2:] = INITIAL_BOX_SIZE_LOGIT
-    return class_embed, bbox_embed
+            box_heads[0].layers[-1].bias[2:] = INITIAL_BOX_SIZE_LOGIT
+    return nn.ModuleList(class_heads), nn.ModuleList(box_heads)
 
 
 __all__ = ["INITIAL_BOX_SIZE_LOGIT", "MLP", "deformable_heads", "focal_prior_bias", "inverse_sigmoid"]

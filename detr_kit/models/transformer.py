@@ -43,7 +43,14 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
         """Attend from ``query`` to ``key``/``value``.
 
         Args:
@@ -51,6 +58,8 @@ class MultiheadAttention(nn.Module):
             key: [B, Lk, C]; may be the same tensor as ``query`` (then both projections run as one matmul).
             value: [B, Lk, C].
             key_padding_mask: [B, Lk] bool, True for keys to ignore; None attends to every key.
+            attn_mask: [Lq, Lk] bool, True where a query must not see a key (``nn.MultiheadAttention``'s
+                convention); None lets every query see every key. No row may be all True.
 
         Returns:
             [B, Lq, C].
@@ -68,9 +77,12 @@ class MultiheadAttention(nn.Module):
         q = q.view(batch, len_q, heads, head_dim).transpose(1, 2)  # [B, M, Lq, Dh]
         k = k.view(batch, len_k, heads, head_dim).transpose(1, 2)  # [B, M, Lk, Dh]
         v = v.view(batch, len_k, heads, head_dim).transpose(1, 2)  # [B, M, Lk, Dh]
-        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk], True = attend
+        allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk], True = attend
+        if attn_mask is not None:
+            pair_allowed = ~attn_mask  # [Lq, Lk]
+            allowed = pair_allowed if allowed is None else allowed & pair_allowed  # [B, 1, Lq, Lk]
         dropout_p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # [B, M, Lq, Dh]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)  # [B, M, Lq, Dh]
         out = out.transpose(1, 2).reshape(batch, len_q, channels)  # [B, Lq, C]
         return self.out_proj(out)
 

@@ -20,6 +20,7 @@ Derived by reading the reference code, not from detr_kit:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 Shapes = dict[str, tuple[int, ...]]
@@ -194,3 +195,101 @@ def shared_groups(v: Variant) -> list[list[str]]:
                 if alias in shapes:
                     groups.append([f"{head}.{i}.{param}", alias])
     return groups
+
+
+# IDEA-Research/DINO (models/dino/dino.py, deformable_transformer.py, backbone.py, config/DINO/DINO_{4,5}scale.py),
+# read for names and shapes:
+# - DINO.__init__: ``label_enc`` = Embedding(dn_labelbook_size + 1, C) with dn_labelbook_size = 91 for COCO;
+#   ``input_proj.{l}`` conv + GroupNorm as Deformable-DETR (4-scale: C3-C5 + one 3x3 stride-2 level; 5-scale: C2-C5
+#   + one); ``class_embed`` Linear(C, 91) and ``bbox_embed`` MLP(C, C, 4, 3), each ONE module repeated for the D
+#   decoder layers (dec_pred_{class,bbox}_embed_share) and aliased as ``transformer.decoder.{class,bbox}_embed``;
+#   two-stage ``transformer.enc_out_{class,bbox}_embed``: deep copies (two_stage_*_embed_share = False).
+# - DeformableTransformer: ``level_embed``; ``tgt_embed`` = Embedding(num_queries = 900, C) (embed_init_tgt);
+#   ``enc_output`` Linear + ``enc_output_norm``; no ``refpoint_embed`` (two_stage_add_query_num = 0); encoder and
+#   decoder layers named as Deformable-DETR's, FFN 2048; the decoder's ``norm`` and ``ref_point_head`` =
+#   MLP(2C, C, C, 2); no query_scale / query_pos_sine_scale / ref_anchor_head for the deformable decoder.
+# - backbone.py: the torchvision ResNet-50 body with FrozenBatchNorm2d, whose four tensors are all buffers.
+_DINO_NUM_CLASSES = 91
+_DINO_LABELBOOK = 91
+
+
+@dataclass(frozen=True)
+class DinoVariant:
+    """A released DINO model: what its config ran with."""
+
+    name: str
+    num_feature_levels: int = 4
+    num_backbone_levels: int = 3
+    hidden_dim: int = 256
+    num_layers: int = 6
+    num_queries: int = 900
+    dim_feedforward: int = 2048
+    num_heads: int = 8
+    num_points: int = 4
+
+
+DINO_VARIANTS: tuple[DinoVariant, ...] = (
+    DinoVariant("dino_4scale"),
+    DinoVariant("dino_5scale", num_feature_levels=5, num_backbone_levels=4),
+)
+
+
+def dino_shapes(v: DinoVariant) -> Shapes:
+    """Every key of a released DINO state dict with its shape (shared modules appear under each of their names)."""
+    c, f = v.hidden_dim, v.dim_feedforward
+    as_deformable = Variant("dino", "deformable_detr", num_feature_levels=v.num_feature_levels, hidden_dim=c,
+                            num_heads=v.num_heads, num_points=v.num_points)
+    shapes = resnet_shapes("resnet50", "backbone.0.body.")
+    shapes["transformer.level_embed"] = (v.num_feature_levels, c)
+    for i in range(v.num_layers):
+        p = f"transformer.encoder.layers.{i}"
+        shapes.update({**_ms_deform_attn(f"{p}.self_attn", as_deformable), **_norm(f"{p}.norm1", c)})
+        shapes.update({**_linear(f"{p}.linear1", f, c), **_linear(f"{p}.linear2", c, f), **_norm(f"{p}.norm2", c)})
+    for i in range(v.num_layers):
+        p = f"transformer.decoder.layers.{i}"
+        shapes.update({**_ms_deform_attn(f"{p}.cross_attn", as_deformable), **_norm(f"{p}.norm1", c)})
+        shapes.update({**_multihead(f"{p}.self_attn", c), **_norm(f"{p}.norm2", c)})
+        shapes.update({**_linear(f"{p}.linear1", f, c), **_linear(f"{p}.linear2", c, f), **_norm(f"{p}.norm3", c)})
+    shapes.update(_norm("transformer.decoder.norm", c))
+    shapes.update({**_linear("transformer.decoder.ref_point_head.layers.0", c, 2 * c),
+                   **_linear("transformer.decoder.ref_point_head.layers.1", c, c)})
+    shapes["transformer.tgt_embed.weight"] = (v.num_queries, c)
+    shapes.update({**_linear("transformer.enc_output", c, c), **_norm("transformer.enc_output_norm", c)})
+    shapes.update({**_linear("transformer.enc_out_class_embed", _DINO_NUM_CLASSES, c),
+                   **_mlp("transformer.enc_out_bbox_embed", c)})
+    shapes["label_enc.weight"] = (_DINO_LABELBOOK + 1, c)
+    backbone_channels = (256, 512, 1024, 2048)[-v.num_backbone_levels:]
+    for level in range(v.num_feature_levels):
+        if level < len(backbone_channels):
+            shapes[f"input_proj.{level}.0.weight"] = (c, backbone_channels[level], 1, 1)
+        else:
+            shapes[f"input_proj.{level}.0.weight"] = (c, 2048 if level == len(backbone_channels) else c, 3, 3)
+        shapes[f"input_proj.{level}.0.bias"] = (c,)
+        shapes.update(_norm(f"input_proj.{level}.1", c))
+    for prefix in ("", "transformer.decoder."):
+        for i in range(v.num_layers):
+            shapes.update({**_linear(f"{prefix}class_embed.{i}", _DINO_NUM_CLASSES, c), **_mlp(f"{prefix}bbox_embed.{i}", c)})
+    return shapes
+
+
+def dino_shared_groups(v: DinoVariant) -> list[list[str]]:
+    """The decoder heads: one module per kind, reached under 2 D names."""
+    shapes = dino_shapes(v)
+    groups = []
+    for key in [k for k in shapes if k.startswith(("class_embed.0.", "bbox_embed.0."))]:
+        head, _, param = key.split(".", 2)
+        groups.append([f"{prefix}{head}.{i}.{param}" for prefix in ("", "transformer.decoder.") for i in range(v.num_layers)])
+    return groups
+
+
+def dino_parameter_count(v: DinoVariant) -> int:
+    """``sum(p.numel() for p in model.parameters())`` of the reference model: every tensor once (shared heads once),
+    without the frozen batch norm's tensors (buffers there)."""
+    shapes = dino_shapes(v)
+    aliases = {k for group in dino_shared_groups(v) for k in group[1:]}
+    total = 0
+    for key, shape in shapes.items():
+        frozen_bn = key.startswith("backbone.") and (".bn" in key or ".downsample.1." in key)
+        if key not in aliases and not frozen_bn:
+            total += math.prod(shape)
+    return total

@@ -25,7 +25,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, root: str, out: str) -> None:
+# The tiny model with every DINO option: denoising groups follow each rank's own largest target count.
+DINO_OVERRIDES = [
+    "model.deformable.num_feature_levels=2", "model.deformable.box_refine=true", "model.deformable.two_stage=true",
+    "model.deformable.num_proposals=8", "model.deformable.mixed_query_selection=true", "model.deformable.dn_number=6",
+    "model.deformable.look_forward_twice=true", "model.deformable.share_heads=true", "model.deformable.decoder_norm=true",
+]
+
+
+def _worker(rank: int, port: int, root: str, out: str, overrides: tuple[str, ...] = ()) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -36,13 +44,16 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
     info = dist_utils.init_distributed("cpu", timeout_s=60)  # a hang becomes an error after 60 s
     try:
         cfg = load_config(TINY_CONFIG, [f"data.root={root}", "train.epochs=1", "train.num_vis_images=0",
-                                        "train.log_every_steps=1", "data.batch_size=2"])
+                                        "train.log_every_steps=1", "data.batch_size=2", *overrides])
         trainer = Trainer.create(cfg, out, dist_info=info)
         result = trainer.train()
         # A rank whose images all have no boxes must still take part in the gradient all-reduce.
         batch, targets = next(iter(trainer.train_loader))
         if rank == 1:
             targets = [Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), t.image_id) for t in targets]
+        elif not any(len(t) for t in targets):  # rank 0 has boxes (DINO: denoising queries), rank 1 none
+            first = targets[0]
+            targets[0] = Target(torch.tensor([[0.5, 0.5, 0.2, 0.3]]), torch.tensor([1]), first.image_id)
         extra = [train_step(trainer.train_model, trainer.criterion, trainer.optimizer, [(batch, targets)],
                             info.device, touch_all_outputs=True).ok for _ in range(2)]
         params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -79,6 +90,24 @@ def test_two_gloo_processes(tmp_path):
     assert set(per_image.values()) == {8}
     assert states[0]["result"]["metrics"] == states[1]["result"]["metrics"]  # broadcast to every rank
     assert (out / "last.pth").is_file() and not (out / "rank1").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_gloo_processes_dino_with_a_rank_without_targets(tmp_path):
+    """DINO's denoising queries exist on the rank with boxes only; the step completes on both and they agree."""
+    root, out = tmp_path / "data", tmp_path / "run"
+    from detr_kit import build
+
+    build.build_datasets(load_config(TINY_CONFIG, [f"data.root={root}"]))
+    mp.start_processes(_worker, args=(_free_port(), str(root), str(out), tuple(DINO_OVERRIDES)), nprocs=WORLD_SIZE,
+                       join=True, start_method="spawn")
+    states = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    assert all(s["result"]["step"] == 2 and not s["result"]["stopped"] for s in states)
+    assert all(s["extra_ok"] == [True, True] for s in states)
+    assert any(name.startswith("denoising.label_enc") for name in states[0]["params"])
+    for name, value in states[0]["params"].items():
+        torch.testing.assert_close(states[1]["params"][name], value, rtol=0, atol=0, msg=name)
 
 
 def test_single_process_helpers():

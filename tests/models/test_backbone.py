@@ -74,6 +74,22 @@ def test_levels_channels_strides_and_masks():
     assert only_c4.channels == (256,) and not hasattr(only_c4.body, "layer4")
 
 
+def test_c2_level_is_layer1_output():
+    """DINO-5scale reads C2 (stride 4): the output of layer1, computed by hand from the torchvision body."""
+    torch.manual_seed(0)
+    backbone = ResNetBackbone("resnet50", return_strides=(4, 8, 16, 32)).eval()
+    assert backbone.channels == (256, 512, 1024, 2048) and backbone.strides == (4, 8, 16, 32)
+    images = torch.randn(1, 3, 64, 96)
+    body = backbone.body
+    with torch.no_grad():
+        outs = backbone(images)
+        c2 = body.layer1(body.maxpool(body.relu(body.bn1(body.conv1(images)))))
+    assert [tuple(o.features.shape[-2:]) for o in outs] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    torch.testing.assert_close(outs[0].features, c2)
+    only_c2 = ResNetBackbone("resnet18", return_strides=(4,))
+    assert only_c2.channels == (64,) and not hasattr(only_c2.body, "layer2")
+
+
 def test_dc5_strides():
     backbone = ResNetBackbone("resnet50", return_strides=(8, 16, 16), dilation=True).eval()
     assert backbone.strides == (8, 16, 16) and backbone.channels == (512, 1024, 2048)
@@ -103,7 +119,7 @@ def test_group_norm_and_bad_arguments():
     assert isinstance(backbone.body.bn1, torch.nn.GroupNorm) and backbone.body.bn1.num_groups == 32
     for kwargs, match in [({"name": "resnet9"}, "resnet18"), ({"name": "resnet18", "norm": "ln"}, "frozen_bn"),
                           ({"name": "resnet18", "trainable_stages": 6}, "0..5"),
-                          ({"name": "resnet18", "return_strides": (4,)}, "return_strides")]:
+                          ({"name": "resnet18", "return_strides": (2,)}, "return_strides")]:
         with pytest.raises(ValueError, match=match):
             ResNetBackbone(**kwargs)
 

@@ -23,6 +23,10 @@ COMMON = {"hidden_dim": 32, "num_heads": 2, "num_encoder_layers": 1, "num_decode
 TINY = {
     "detr": {**COMMON, "deformable": None},
     "deformable_detr": {**COMMON, "deformable": {"num_feature_levels": 3, "enc_points": 2, "dec_points": 2}},
+    "dino": {**COMMON, "deformable": {"num_feature_levels": 3, "enc_points": 2, "dec_points": 2, "box_refine": True,
+                                      "two_stage": True, "num_proposals": 10, "mixed_query_selection": True,
+                                      "dn_number": 10, "look_forward_twice": True, "share_heads": True,
+                                      "decoder_norm": True}},
 }
 SIZE = (64, 96)
 NUM_CLASSES = 3
@@ -62,7 +66,8 @@ def _check(rows: list[dict], sizes: list[tuple[int, int]]) -> None:
         assert r["ok"]
 
 
-@pytest.mark.parametrize("arch", ["detr", pytest.param("deformable_detr", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["detr", pytest.param("deformable_detr", marks=pytest.mark.slow),
+                                  pytest.param("dino", marks=pytest.mark.slow)])
 def test_onnx_export_matches_pytorch(arch, tmp_path):
     import onnxruntime
 

@@ -17,18 +17,18 @@ from detr_kit.errors import CheckpointError
 from detr_kit.models.backbone.weights import LoadReport, backbone_state_dict, load_body_state_dict
 from detr_kit.structures import FeatureMap
 
-_STAGES = ("layer2", "layer3", "layer4")  # C3, C4, C5
-_CHANNELS = {  # output channels of (layer2, layer3, layer4)
-    "resnet18": (128, 256, 512),
-    "resnet34": (128, 256, 512),
-    "resnet50": (512, 1024, 2048),
-    "resnet101": (512, 1024, 2048),
-    "resnet152": (512, 1024, 2048),
-    "resnext50_32x4d": (512, 1024, 2048),  # ResNeXt and Wide-ResNet: the same ResNet with wider or grouped 3x3s
-    "resnext101_32x8d": (512, 1024, 2048),
-    "resnext101_64x4d": (512, 1024, 2048),
-    "wide_resnet50_2": (512, 1024, 2048),
-    "wide_resnet101_2": (512, 1024, 2048),
+_STAGES = ("layer1", "layer2", "layer3", "layer4")  # C2, C3, C4, C5
+_CHANNELS = {  # output channels of (layer1, layer2, layer3, layer4)
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+    "resnet152": (256, 512, 1024, 2048),
+    "resnext50_32x4d": (256, 512, 1024, 2048),  # ResNeXt and Wide-ResNet: the same ResNet with wider or grouped 3x3s
+    "resnext101_32x8d": (256, 512, 1024, 2048),
+    "resnext101_64x4d": (256, 512, 1024, 2048),
+    "wide_resnet50_2": (256, 512, 1024, 2048),
+    "wide_resnet101_2": (256, 512, 1024, 2048),
 }
 _NORMS = ("frozen_bn", "bn", "gn")
 _GN_GROUPS = 32
@@ -97,8 +97,8 @@ class ResNetBackbone(nn.Module):
     Args:
         name: resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | resnext50_32x4d | resnext101_32x8d |
             resnext101_64x4d | wide_resnet50_2 | wide_resnet101_2 (torchvision's names).
-        return_strides: output strides to return, ascending, from (8, 16, 32) for C3, C4, C5. With
-            ``dilation=True`` C5 has stride 16, so the strides on offer are C3 8, C4 16, C5 16: a stride listed
+        return_strides: output strides to return, ascending, from (4, 8, 16, 32) for C2, C3, C4, C5. With
+            ``dilation=True`` C5 has stride 16, so the strides on offer are C2 4, C3 8, C4 16, C5 16: a stride listed
             once takes the deepest stage with that stride (``(16,)`` is DC5's C5), ``(8, 16, 16)`` is C3, C4, C5.
         dilation: dilate layer4 instead of striding it (DETR-DC5); bottleneck networks only (not resnet18/34).
         trainable_stages: how many of (layer4, layer3, layer2, layer1, stem) train, 0..5. DETR trains 3 (layer2-4),
@@ -138,7 +138,7 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"trainable_stages must be in 0..5 (layer4, layer3, layer2, layer1, stem), got {trainable_stages}")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"dilation=True (DC5) needs a bottleneck ResNet (resnet50 or deeper), got {name}")
-        stage_strides = (8, 16, 16) if dilation else (8, 16, 32)
+        stage_strides = (4, 8, 16, 16) if dilation else (4, 8, 16, 32)
         self.stage_indices = _select_stages(tuple(return_strides), stage_strides, dilation)
         self.channels = tuple(_CHANNELS[name][i] for i in self.stage_indices)
         self.strides = tuple(stage_strides[i] for i in self.stage_indices)
@@ -193,7 +193,6 @@ class ResNetBackbone(nn.Module):
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         body = self.body
         x = body.maxpool(body.relu(body.bn1(body.conv1(images))))  # [B, 64, H/4, W/4]
-        x = body.layer1(x)  # [B, C2, H/4, W/4]
         outputs: list[FeatureMap] = []
         for index, stage in enumerate(_STAGES[: max(self.stage_indices) + 1]):
             x = getattr(body, stage)(x)  # [B, C_l, H/s, W/s]
@@ -204,12 +203,12 @@ class ResNetBackbone(nn.Module):
 
 
 def _select_stages(return_strides: tuple[int, ...], stage_strides: tuple[int, ...], dilation: bool) -> tuple[int, ...]:
-    """Map requested strides to stage indices (0 = layer2/C3, 1 = layer3/C4, 2 = layer4/C5)."""
+    """Map requested strides to stage indices (0 = layer1/C2, 1 = layer2/C3, 2 = layer3/C4, 3 = layer4/C5)."""
     allowed = sorted(set(stage_strides))
     if not return_strides or list(return_strides) != sorted(return_strides) or any(s not in allowed for s in return_strides):
         raise ValueError(
             f"return_strides must be a non-empty ascending selection of {tuple(allowed)}"
-            f"{' (dilation=True: C3 8, C4 16, C5 16)' if dilation else ' (C3, C4, C5)'}, got {return_strides}"
+            f"{' (dilation=True: C2 4, C3 8, C4 16, C5 16)' if dilation else ' (C2, C3, C4, C5)'}, got {return_strides}"
         )
     indices: list[int] = []
     for stride in allowed:

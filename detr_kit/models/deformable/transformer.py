@@ -1,9 +1,11 @@
-"""Deformable-DETR's encoder-decoder over multi-scale feature maps, with the two-stage variant (Zhu et al. 2021).
+"""Deformable-DETR's encoder-decoder over multi-scale feature maps, with the two-stage variant (Zhu et al. 2021) and
+DINO's anchor-box queries and mixed query selection (Zhang et al. 2022).
 
 Reference points and box proposals live in coordinates normalised to each image's *valid* (unpadded) region;
 the valid ratios rescale them to the padded maps, which makes the outputs independent of batch padding. Module
-names follow the reference: ``level_embed``, ``reference_points`` and, for two-stage, ``enc_output``,
-``enc_output_norm``, ``pos_trans``, ``pos_trans_norm``.
+names follow the references: ``level_embed``, ``reference_points`` and, for two-stage, ``enc_output``,
+``enc_output_norm``, ``pos_trans``, ``pos_trans_norm``; DINO's ``tgt_embed`` (and, without two-stage,
+``refpoint_embed``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 
 from detr_kit.models.deformable.attention import MSDeformAttn
 from detr_kit.models.deformable.decoder import DeformableDecoder
+from detr_kit.models.deformable.denoising import DenoisingQueries
 from detr_kit.models.deformable.encoder import DeformableEncoder, pixel_grid
 from detr_kit.models.heads import inverse_sigmoid
 
@@ -31,8 +34,11 @@ class TransformerOutput(NamedTuple):
     references:     [D, B, Q, 2|4] the reference each layer attended around, 0..1 of the valid image. When the
                     first layer had 2-d points and later ones boxes, the points are zero-padded to 4 values.
     boxes:          [D, B, Q, 4] cxcywh refined by the decoder's box heads, or None without refinement.
-    encoder_logits: [B, S, K] two-stage proposal scores, else None.
-    encoder_boxes:  [B, S, 4] two-stage proposal boxes cxcywh, else None.
+    encoder_logits: [B, S, K] two-stage proposal scores ([B, Q, K], the selected ones, with mixed query
+                    selection), else None.
+    encoder_boxes:  [B, S, 4] two-stage proposal boxes cxcywh ([B, Q, 4] with mixed query selection), else None.
+
+    With denoising queries the first P of the Q + P decoder queries are the denoising ones.
     """
 
     hidden_states: Tensor
@@ -65,22 +71,35 @@ class DeformableTransformer(nn.Module):
     """Deformable-DETR's encoder-decoder: flattens the levels, encodes them, and decodes the queries around reference
     points (learned from the query embeddings, or, two-stage, the top-scoring encoder proposals).
 
+    With ``anchor_queries`` (DINO) every query is a learned content vector (``tgt_embed``) and an anchor box whose
+    sine embedding the decoder turns into the positional query at every layer (DAB-DETR). Without two-stage the
+    anchors are learned (``refpoint_embed``); with two-stage they are the top-Q encoder proposals, ranked by their
+    best class score (*mixed query selection*: positions from the encoder, content static), and the encoder outputs
+    are those Q proposals, trained with their classes. Denoising queries need anchor queries.
+
     Args:
         encoder: the DeformableEncoder.
         decoder: the DeformableDecoder; for two-stage it must hold ``num_layers + 1`` class and box heads (the last
-            pair scores and regresses the encoder proposals).
+            pair scores and regresses the encoder proposals); with anchor queries it needs a ``ref_point_head``.
         two_stage: take the decoder's reference boxes and queries from the top-scoring encoder proposals.
-        num_proposals: two-stage: how many proposals become decoder queries (reference: 300).
+        num_proposals: two-stage: how many proposals become decoder queries (reference: 300; DINO: 900).
+        anchor_queries: Q > 0 for DINO's anchor-box queries (two-stage: Q = ``num_proposals``); 0 = Deformable-DETR's.
 
     The parameters are initialised as the reference does (xavier, the attention's own scheme, normal level
     embeddings); the decoder's heads belong to the detector, which initialises them.
 
     Raises:
-        ValueError: for mismatched encoder and decoder, or two-stage without its heads.
+        ValueError: for mismatched encoder and decoder, two-stage without its heads, or anchor queries without a
+            ``ref_point_head`` or with another count than the proposals.
     """
 
     def __init__(
-        self, encoder: DeformableEncoder, decoder: DeformableDecoder, two_stage: bool = False, num_proposals: int = 300
+        self,
+        encoder: DeformableEncoder,
+        decoder: DeformableDecoder,
+        two_stage: bool = False,
+        num_proposals: int = 300,
+        anchor_queries: int = 0,
     ) -> None:
         super().__init__()
         hidden_dim = encoder.hidden_dim
@@ -93,20 +112,30 @@ class DeformableTransformer(nn.Module):
                 f"two_stage needs a decoder with num_layers + 1 = {heads_needed} class and box heads "
                 "(the last ones score and regress the encoder proposals)"
             )
+        if anchor_queries and decoder.ref_point_head is None:
+            raise ValueError("anchor_queries need a decoder with a ref_point_head (positional queries from the anchors)")
+        if anchor_queries and two_stage and anchor_queries != num_proposals:
+            raise ValueError(f"mixed query selection: anchor_queries ({anchor_queries}) must equal num_proposals ({num_proposals})")
         self.hidden_dim = hidden_dim
         self.num_feature_levels = encoder.num_levels
         self.two_stage = two_stage
         self.num_proposals = num_proposals
+        self.anchor_queries = anchor_queries
         self.encoder = encoder
         self.decoder = decoder
         self.level_embed = nn.Parameter(torch.empty(encoder.num_levels, hidden_dim))
         if two_stage:
             self.enc_output = nn.Linear(hidden_dim, hidden_dim)
             self.enc_output_norm = nn.LayerNorm(hidden_dim)
-            self.pos_trans = nn.Linear(hidden_dim * 2, hidden_dim * 2)
-            self.pos_trans_norm = nn.LayerNorm(hidden_dim * 2)
-        else:
+            if not anchor_queries:
+                self.pos_trans = nn.Linear(hidden_dim * 2, hidden_dim * 2)
+                self.pos_trans_norm = nn.LayerNorm(hidden_dim * 2)
+        elif not anchor_queries:
             self.reference_points = nn.Linear(hidden_dim, 2)
+        if anchor_queries:
+            self.tgt_embed = nn.Embedding(anchor_queries, hidden_dim)
+            if not two_stage:
+                self.refpoint_embed = nn.Embedding(anchor_queries, 4)  # anchor boxes as logits
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -118,13 +147,21 @@ class DeformableTransformer(nn.Module):
         for module in self.modules():
             if isinstance(module, MSDeformAttn):
                 module.reset_parameters()
-        if not self.two_stage:
+        if not self.two_stage and not self.anchor_queries:
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
+        if not self.two_stage and self.anchor_queries:
+            with torch.no_grad():  # anchor centres spread over the image (DAB-DETR's random_refpoints_xy), sizes ~0.5
+                self.refpoint_embed.weight[:, :2] = inverse_sigmoid(torch.rand(self.anchor_queries, 2))
         nn.init.normal_(self.level_embed)
 
     def forward(
-        self, srcs: Sequence[Tensor], masks: Sequence[Tensor], pos_embeds: Sequence[Tensor], query_embed: Tensor | None
+        self,
+        srcs: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        pos_embeds: Sequence[Tensor],
+        query_embed: Tensor | None,
+        denoising: DenoisingQueries | None = None,
     ) -> TransformerOutput:
         """Encode the levels and decode the queries.
 
@@ -132,20 +169,25 @@ class DeformableTransformer(nn.Module):
             srcs: L feature maps [B, C, H_l, W_l].
             masks: L masks [B, H_l, W_l] bool, True on padding.
             pos_embeds: L positional encodings [B, C, H_l, W_l].
-            query_embed: [Q, 2C] (query position, then initial state) when not two-stage; None for two-stage.
+            query_embed: [Q, 2C] (query position, then initial state) for Deformable-DETR's learned queries; None for
+                two-stage and anchor queries.
+            denoising: denoising queries to decode before the Q matching ones (anchor queries only), or None.
 
         Returns:
             TransformerOutput.
 
         Raises:
-            ValueError: if the number of levels differs from the encoder's or ``query_embed`` is missing.
+            ValueError: if the number of levels differs from the encoder's, ``query_embed`` is missing, or denoising
+                queries come without anchor queries.
         """
         if not len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels:
             raise ValueError(
                 f"expected {self.num_feature_levels} levels, got {len(srcs)} srcs, {len(masks)} masks, {len(pos_embeds)} pos"
             )
-        if not self.two_stage and query_embed is None:
-            raise ValueError("query_embed [Q, 2C] is required unless two_stage is on")
+        if not self.two_stage and not self.anchor_queries and query_embed is None:
+            raise ValueError("query_embed [Q, 2C] is required unless two_stage or anchor queries are on")
+        if denoising is not None and not self.anchor_queries:
+            raise ValueError("denoising queries need anchor queries (their positional queries come from their boxes)")
         batch, channels = srcs[0].shape[:2]
         spatial_shapes = [tuple(s.shape[-2:]) for s in srcs]  # (h, w) per level
         centres, level_index, sizes = pixel_grid(spatial_shapes, srcs[0].device)  # [S, 2], [S], [L, 2]
@@ -166,21 +208,30 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt, reference_points, encoder_logits, encoder_boxes = self._select_proposals(
                 memory, mask, points, level_index
             )
+        elif self.anchor_queries:
+            query_pos = None  # the decoder makes it from each layer's anchor
+            tgt = self.tgt_embed.weight[None].expand(batch, -1, -1)  # [B, Q, C]
+            reference_points = self.refpoint_embed.weight.sigmoid()[None].expand(batch, -1, -1)  # [B, Q, 4]
         else:
             query_pos, tgt = query_embed.split(channels, dim=1)  # [Q, C] x2
             query_pos = query_pos[None].expand(batch, -1, -1)  # [B, Q, C]
             tgt = tgt[None].expand(batch, -1, -1)  # [B, Q, C]
             reference_points = self.reference_points(query_pos).sigmoid()  # [B, Q, 2]
-        decoded = self.decoder(tgt, reference_points, memory, spatial_shapes, ratios, query_pos, mask)
+        self_attn_mask = None
+        if denoising is not None:
+            self_attn_mask = denoising.attention_mask(tgt.shape[1])  # [P + Q, P + Q]
+            tgt = torch.cat([denoising.content.to(tgt.dtype), tgt], 1)  # [B, P + Q, C]
+            reference_points = torch.cat([denoising.boxes.to(reference_points.dtype), reference_points], 1)
+        decoded = self.decoder(tgt, reference_points, memory, spatial_shapes, ratios, query_pos, mask, self_attn_mask)
         return TransformerOutput(decoded.hidden_states, decoded.references, decoded.boxes, encoder_logits, encoder_boxes)
 
     def _select_proposals(
         self, memory: Tensor, mask: Tensor, points: Tensor, level_index: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
         """Two-stage: score one proposal per position and turn the top ``num_proposals`` into decoder queries.
 
-        Returns query_pos [B, Q, C], tgt [B, Q, C], reference boxes [B, Q, 4], encoder logits [B, S, K] and encoder
-        boxes [B, S, 4].
+        Returns query_pos [B, Q, C] (None with anchor queries: the decoder makes it), tgt [B, Q, C], reference boxes
+        [B, Q, 4], encoder logits [B, S, K] and encoder boxes [B, S, 4] (mixed query selection: of the Q selected).
         """
         low, high = _PROPOSAL_VALID_RANGE
         wh = _PROPOSAL_MIN_WH * 2.0 ** level_index.to(points.dtype)  # [S]
@@ -194,12 +245,19 @@ class DeformableTransformer(nn.Module):
         box_head = self.decoder.bbox_embed[self.decoder.num_layers]
         encoder_logits = class_head(output_memory)  # [B, S, K]
         boxes_unact = box_head(output_memory).to(proposals_unact.dtype) + proposals_unact  # [B, S, 4]
-        # The reference ranks by the first class's score (the encoder is trained class-agnostically, label 0).
-        # Padding positions are never selected, so padding cannot change which proposals are kept.
-        scores = encoder_logits[..., 0].float().masked_fill(mask, float("-inf"))  # [B, S]
+        # Deformable-DETR ranks by the first class's score (its encoder is trained class-agnostically, label 0); DINO
+        # by the best class's (its encoder is trained with the classes). Padding positions are never selected, so
+        # padding cannot change which proposals are kept.
+        scores = encoder_logits.max(-1).values if self.anchor_queries else encoder_logits[..., 0]
+        scores = scores.float().masked_fill(mask, float("-inf"))  # [B, S]
         top = scores.topk(min(self.num_proposals, scores.shape[1]), dim=1).indices  # [B, Q]
-        top_unact = boxes_unact.gather(1, top[..., None].expand(-1, -1, 4)).detach()  # [B, Q, 4]
+        selected_unact = boxes_unact.gather(1, top[..., None].expand(-1, -1, 4))  # [B, Q, 4]
+        top_unact = selected_unact.detach()
         reference_points = top_unact.sigmoid()  # [B, Q, 4]
+        if self.anchor_queries:  # mixed query selection: content static, anchors from the encoder
+            tgt = self.tgt_embed.weight[: top.shape[1]][None].expand(memory.shape[0], -1, -1)  # [B, Q, C]
+            logits = encoder_logits.gather(1, top[..., None].expand(-1, -1, encoder_logits.shape[-1]))  # [B, Q, K]
+            return None, tgt, reference_points, logits, selected_unact.sigmoid()
         embedding = proposal_pos_embed(top_unact, self.hidden_dim).to(memory.dtype)  # [B, Q, 2C]
         query = self.pos_trans_norm(self.pos_trans(embedding))  # [B, Q, 2C]
         query_pos, tgt = query.split(self.hidden_dim, dim=-1)  # [B, Q, C] x2
