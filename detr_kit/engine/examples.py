@@ -28,7 +28,7 @@ def draw_examples(
     device: torch.device,
     amp: str = "off",
 ) -> list[Path]:
-    """Draw the ground truth and the predictions of ``model`` on the first ``count`` images of ``dataset`` into ``folder``.
+    """Draw the ground truth and the predictions of ``model`` on the first ``count`` images of ``dataset``.
 
     The model runs in eval mode on one image at a time (no padding); ``evaluation_mode`` puts back its modes. Each
     picture shows the ground truth and the predictions scoring ``EXAMPLE_SCORE_THRESHOLD`` or more in two colours
@@ -68,7 +68,8 @@ def draw_examples(
             height, width = image.shape[-2:]
             boxes = box_cxcywh_to_xyxy(target.boxes) * torch.tensor([width, height, width, height])  # [T, 4] pixels
             crowd = target.iscrowd.tolist() if target.iscrowd is not None else [False] * len(target)
-            labels = [names[label] + (" (crowd)" if is_crowd else "") for label, is_crowd in zip(target.labels.tolist(), crowd)]
+            labels = [names[label] + (" (crowd)" if is_crowd else "")
+                      for label, is_crowd in zip(target.labels.tolist(), crowd)]
             truth = Detections(boxes, torch.ones(len(target)), target.labels, labels)
             picture = (image.cpu() * std + mean).clamp(0, 1)  # [3, h, w] in 0..1
             drawn = draw_ground_truth_and_predictions(picture, truth, detections, list(names), EXAMPLE_SCORE_THRESHOLD)
