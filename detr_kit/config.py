@@ -242,7 +242,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     init_from: str | None = None  # detr_kit, official or Hugging Face checkpoint to fine-tune from
     init_from_trusted: bool = False  # let init_from hold pickled code (only for files from a source you trust)
-    num_vis_images: int = 4  # images with predicted boxes drawn after each evaluation
+    num_vis_images: int = 4  # images with ground truth and predictions drawn after each evaluation
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Draw detections on images: one stable, distinct colour per class and labels readable on any background."""
+"""Draw detections on images: one stable, distinct colour per class and labels readable on any background; or
+ground truth and predictions in two colours with a legend, upscaled to a legible size."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from detr_kit.structures import Detections
 
 # Successive multiples of the golden ratio spread hues evenly for any number of classes.
 _GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+# Ground truth against predictions: Okabe & Ito's bluish green and vermillion, told apart with any colour vision.
+GROUND_TRUTH_COLOR = (0, 158, 115)
+PREDICTION_COLOR = (213, 94, 0)
 
 
 def class_color(label: int) -> tuple[int, int, int]:
@@ -81,6 +85,8 @@ def draw_detections(
     score_threshold: float = 0.0,
     line_width: int | None = None,
     font_size: int | None = None,
+    color: tuple[int, int, int] | None = None,
+    show_scores: bool = True,
 ) -> Image.Image:
     """Draw boxes with "name score" labels on a copy of ``image``.
 
@@ -92,6 +98,8 @@ def draw_detections(
         score_threshold: detections scoring below it are not drawn.
         line_width: box outline width in pixels; default scales with the image (about 0.3 % of its size).
         font_size: label text height in pixels; default scales with the image.
+        color: one colour for every box; default: each class its own (``class_color``).
+        show_scores: label boxes "name score" (else "name").
 
     Returns:
         A new RGB PIL image; the input is not modified.
@@ -122,13 +130,13 @@ def draw_detections(
             name = names[label]
         else:
             name = str(label)
-        color = class_color(label)
+        box_color = color if color is not None else class_color(label)
         x1, y1, x2, y2 = boxes[i]
         x1, x2 = sorted((min(max(x1, 0.0), width - 1.0), min(max(x2, 0.0), width - 1.0)))
         y1, y2 = sorted((min(max(y1, 0.0), height - 1.0), min(max(y2, 0.0), height - 1.0)))
-        draw.rectangle((x1, y1, x2, y2), outline=color, width=line_width)
+        draw.rectangle((x1, y1, x2, y2), outline=box_color, width=line_width)
 
-        text = f"{name} {scores[i]:.2f}"
+        text = f"{name} {scores[i]:.2f}" if show_scores else name
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         text_w, text_h = right - left, bottom - top
         pad = max(1, font_size // 6)
@@ -136,9 +144,71 @@ def draw_detections(
         # Above the box when there is room, else inside its top edge; kept inside the image horizontally.
         ty = y1 - label_h if y1 - label_h >= 0 else y1
         tx = min(x1, max(0.0, width - text_w - 2 * pad))
-        draw.rectangle((tx, ty, tx + text_w + 2 * pad, ty + label_h), fill=color)
-        draw.text((tx + pad - left, ty + pad - top), text, fill=text_color_on(color), font=font)
+        draw.rectangle((tx, ty, tx + text_w + 2 * pad, ty + label_h), fill=box_color)
+        draw.text((tx + pad - left, ty + pad - top), text, fill=text_color_on(box_color), font=font)
     return canvas
 
 
-__all__ = ["class_color", "draw_detections", "text_color_on", "to_pil_image"]
+def draw_ground_truth_and_predictions(
+    image: Image.Image | np.ndarray | torch.Tensor,
+    ground_truth: Detections,
+    predictions: Detections,
+    names: Sequence[str],
+    score_threshold: float,
+    min_long_side: int = 512,
+) -> Image.Image:
+    """Ground truth and predictions on one picture, in two colours, with a legend strip above it.
+
+    The picture is enlarged (bicubic) until its longer side is at least ``min_long_side`` pixels, so that boxes and
+    labels of small images stay legible; it is never shrunk.
+
+    Args:
+        image: as for ``draw_detections``.
+        ground_truth: boxes [T, 4] xyxy in ``image``'s pixels and labels [T]; its ``names`` (when filled) label them.
+        predictions: boxes [N, 4] xyxy in ``image``'s pixels, scores [N], labels [N]; those below
+            ``score_threshold`` are left out.
+        names: class names by label.
+        score_threshold: the smallest score drawn (said in the legend).
+        min_long_side: the longer side of the drawing, at least.
+
+    Returns:
+        A new RGB image: the picture (``min_long_side`` or more pixels on its longer side) below a legend strip
+        of two lines, one per colour.
+    """
+    picture = to_pil_image(image)
+    scale = max(1.0, min_long_side / max(picture.size))
+    if scale > 1.0:
+        picture = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.BICUBIC)
+    font_size = max(14, round(max(picture.size) * 0.028))
+    line_width = max(2, round(max(picture.size) * 0.004))
+    shown = predictions.filter(predictions.scores >= score_threshold)
+    scaled = [Detections(d.boxes.detach().float().cpu() * scale, d.scores.cpu(), d.labels.cpu(), list(d.names))
+              for d in (ground_truth, shown)]
+    picture = draw_detections(picture, scaled[0], names, line_width=line_width, font_size=font_size,
+                              color=GROUND_TRUTH_COLOR, show_scores=False)
+    picture = draw_detections(picture, scaled[1], names, line_width=line_width, font_size=font_size,
+                              color=PREDICTION_COLOR)
+    font = _font(font_size)
+    pad, row = font_size // 2, round(font_size * 1.5)
+    entries = ((GROUND_TRUTH_COLOR, f"ground truth ({len(ground_truth)})"),
+               (PREDICTION_COLOR, f"predictions, score >= {score_threshold:.2f} ({len(shown)})"))
+    strip = 2 * pad + row * len(entries)
+    canvas = Image.new("RGB", (picture.width, picture.height + strip), (255, 255, 255))
+    canvas.paste(picture, (0, strip))
+    draw = ImageDraw.Draw(canvas)
+    for index, (color, text) in enumerate(entries):
+        top = pad + index * row
+        draw.rectangle((pad, top, pad + font_size, top + font_size), fill=color)
+        draw.text((pad + font_size + pad, top), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+__all__ = [
+    "GROUND_TRUTH_COLOR",
+    "PREDICTION_COLOR",
+    "class_color",
+    "draw_detections",
+    "draw_ground_truth_and_predictions",
+    "text_color_on",
+    "to_pil_image",
+]

@@ -95,3 +95,26 @@ def test_bad_inputs():
         to_pil_image(torch.zeros(4, 8, 8))
     with pytest.raises(ValueError, match="uint8"):
         to_pil_image(np.zeros((8, 8, 3), dtype=np.float32))
+
+
+def test_ground_truth_and_predictions_in_two_colours_enlarged_with_a_legend():
+    from detr_kit.visualize import GROUND_TRUTH_COLOR, PREDICTION_COLOR, draw_ground_truth_and_predictions
+
+    image = Image.new("RGB", (96, 64), (128, 128, 128))  # the quickstart's size: too small to read labels on
+    truth = Detections(torch.tensor([[10.0, 20.0, 40.0, 60.0]]), torch.ones(1), torch.tensor([0]))
+    predictions = Detections(torch.tensor([[50.0, 10.0, 90.0, 50.0], [0.0, 0.0, 5.0, 5.0]]), torch.tensor([0.8, 0.1]),
+                             torch.tensor([1, 1]))
+    out = draw_ground_truth_and_predictions(image, truth, predictions, ["cat", "dog"], score_threshold=0.3)
+    pixels = np.asarray(out).astype(int)
+    scale = 512 / 96
+    strip = out.height - round(64 * scale)
+    assert out.width == 512 and strip > 0  # enlarged 5.33x, the legend strip above the picture
+    # Outlines at the scaled coordinates, in the two colours (middle of the left edges, below the labels).
+    assert tuple(pixels[strip + round(50 * scale), int(10 * scale)]) == GROUND_TRUTH_COLOR
+    assert tuple(pixels[strip + round(40 * scale), int(50 * scale)]) == PREDICTION_COLOR
+    # The 0.1 detection is below the threshold: nothing drawn at its place.
+    assert tuple(pixels[strip + round(4 * scale), round(4 * scale)]) == (128, 128, 128)
+    # The legend shows both colours as swatches of the label font's size (>= 14 px).
+    legend = pixels[:strip].reshape(-1, 3)
+    for color in (GROUND_TRUTH_COLOR, PREDICTION_COLOR):
+        assert (legend == color).all(axis=1).sum() >= 14 * 14

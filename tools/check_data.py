@@ -12,11 +12,12 @@ a.b=c overrides or in --config). Each problem is reported with its file, line or
 json, yaml or xml, label lines that are not ``class cx cy w h``, class ids outside the names, YOLO coordinates in
 pixels, boxes given as corners or with x and y swapped, label files without an image, missing or unreadable images,
 size mismatches, boxes out of bounds / zero-area / negative / NaN, unknown or duplicated ids, empty images and
-empty splits; then a class histogram. Exit code 1 when there are errors (warnings alone exit 0). ``--show-aug N``
-writes N augmented training samples with their boxes drawn.
+empty splits; then a class histogram, and (--root, no errors) the AP of a constant box per class on the val split,
+the baseline a trained model must beat (detr_kit/engine/baseline.py). Exit code 1 when there are errors (warnings
+alone exit 0). ``--show-aug N`` writes N augmented training samples with their boxes drawn.
 
 The checks live in detr_kit/data/doctor.py and the format readers (training and evaluation run the fast ones
-before they start); they need no torch, so the doctor starts fast. A missing --images folder, an unusable --out
+before they start); they need no torch, so the doctor starts fast (the baseline, last, imports it). A missing --images folder, an unusable --out
 or config is one line ``error: <what> — <fix>`` (--debug shows the traceback).
 """
 
@@ -181,6 +182,8 @@ def run_dataset(args: argparse.Namespace) -> int:
         print_report(report, args.max_per_kind)
         print()
         errors += report.count("error")
+    if not errors:
+        print_baseline(data_cfg)
     if args.show_aug > 0:
         try:
             dataset = build.build_dataset(data_cfg, "train", train=True)
@@ -189,6 +192,22 @@ def run_dataset(args: argparse.Namespace) -> int:
             return 1
         errors += draw_augmentations(dataset, args.show_aug, args.out)
     return 1 if errors else 0
+
+
+def print_baseline(data_cfg) -> None:
+    """Print the AP of the constant-box baseline on the val split (``engine/baseline.py``), as training does."""
+    from detr_kit import build
+    from detr_kit.engine.baseline import baseline_line, constant_box_baseline
+
+    from detr_kit.errors import DatasetError
+
+    try:
+        train = build.build_dataset(data_cfg, "train", train=True)
+        val = build.build_dataset(data_cfg, "val", train=False, label_map=train.label_map)
+    except DatasetError as err:  # a problem the checks above leave to training (e.g. classes the splits disagree on)
+        print(f"constant-box baseline: not computed ({err.what})")
+        return
+    print(baseline_line(constant_box_baseline(train.coco, val.coco, train.label_map)))
 
 
 if __name__ == "__main__":

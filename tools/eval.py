@@ -6,7 +6,8 @@
 Prints the 12-line COCO summary and a per-class AP table, and writes metrics.json and detections.json
 (COCO results format) into the output folder (default: the checkpoint's folder / eval), which must be new, empty
 or made by detr_kit; it is checked before the model is built and evaluated. The model is built
-from the config given here; the checkpoint's label map (if it has one) decides the classes. With a
+from the config given here (without its pretrained backbone weights: the checkpoint has them all), and only the
+validation split is read; the checkpoint's label map (if it has one) decides the classes. With a
 checkpoint that holds EMA weights, those are evaluated (pass --no-ema for the raw weights).
 """
 
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         val_dataset = build.build_dataset(cfg.data, "val", train=False, label_map=label_map)  # only what it evaluates
         claim_output_folder(output_dir, "--output-dir", "tools/eval.py")  # before the model and the evaluation
         label_map = val_dataset.label_map
-        model = build.build_model(cfg, num_classes=len(label_map))
+        # The checkpoint holds every weight: the backbone's pretrained ones (a download, or a file) are not needed.
+        model = build.build_model(cfg.replace(["model.backbone.weights=null"]), num_classes=len(label_map))
         weights = state["model"]
         if state.get("ema") and not args.no_ema:
             weights = state["ema"]["module"]

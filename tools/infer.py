@@ -6,6 +6,9 @@ Inputs are files, folders (their images, not recursive) or glob patterns. For ev
 annotated copy is written to --out, and all detections go to --out/detections.json in COCO results format
 (xywh boxes in original pixels, original category ids, plus a ``file_name`` field). ``image_id`` is the file
 name's stem when it is a number (COCO's 000000000009.jpg -> 9), else a running index above the numeric ones.
+With ``--annotations your.json`` the ids (and category ids) are that json's, each input matched by file name, so
+that pycocotools scores detections.json against it directly; an input the json does not list is an error.
+When no detection passes --threshold, it says so and gives the highest score seen.
 
 Unreadable inputs are reported by name and skipped; the exit code is 0 with a warning count unless nothing
 could be processed (exit 1). --out must be a new, empty or detr_kit-made folder, and existing outputs in it are
@@ -30,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum score kept (default 0.5)")
+    parser.add_argument("--annotations", default=None, help="a COCO json listing the inputs: detections.json takes "
+                        "its image ids (matched by file name) and category ids")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
@@ -97,6 +102,30 @@ def image_ids(files: list[Path]) -> list[int]:
     return ids
 
 
+def annotation_image_ids(annotations: str, files: list[Path]) -> tuple[list[int], list[dict]]:
+    """The image id of every input in a COCO json (matched by file name), and the json's categories.
+
+    Raises:
+        DatasetError: the json is unusable, lists a file name twice, or lacks an input (naming them).
+    """
+    from detr_kit.data.coco import load_coco_json
+    from detr_kit.errors import DatasetError
+
+    data = load_coco_json(annotations)
+    ids: dict[str, list[int]] = {}
+    for image in data["images"]:
+        ids.setdefault(Path(str(image["file_name"])).name, []).append(int(image["id"]))
+    twice = sorted({p.name for p in files if len(ids.get(p.name, [])) > 1})
+    missing = [p.name for p in files if p.name not in ids]
+    if twice or missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        problem = f"lists {', '.join(twice[:5])} more than once" if twice else \
+            f"has no image named {', '.join(missing[:5])}{more}"
+        raise DatasetError(f"--annotations {annotations} {problem}",
+                           "give only images that json lists once (by file name), or leave --annotations out")
+    return [ids[p.name][0] for p in files], data["categories"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from detr_kit.errors import run_tool
@@ -140,27 +169,36 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     names = output_names(files)
     check_outputs(out, names, files, args.overwrite)
+    ids, categories = annotation_image_ids(args.annotations, files) if args.annotations else (image_ids(files), None)
 
     from tqdm import tqdm
 
     from detr_kit.inference import Detector, ImageReadError, read_image
     from detr_kit.visualize import draw_detections
 
-    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold,
-                                        trusted=args.trusted)
-    claim_output_folder(out, "--out", "tools/infer.py")
+    # Every detection comes back (threshold 0) so that the highest score is known when none passes --threshold.
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=0.0, trusted=args.trusted)
     category_ids = detector.label_map.category_ids
-    ids = image_ids(files)
+    if categories is not None:  # the json's ids for the checkpoint's classes, matched by id and name, else by name
+        from detr_kit.data.coco import match_label_map
+
+        used = {int(c["id"]) for c in categories}
+        json_labels = match_label_map(detector.label_map, categories, used, f"--annotations {args.annotations}")
+        category_ids = json_labels.category_ids
+    claim_output_folder(out, "--out", "tools/infer.py")
     results: list[dict] = []
     processed = 0
+    highest = -1.0  # the best score of any detection, kept or not
     pending: list[tuple[int, Path, str, object]] = []
 
     def flush() -> None:
-        nonlocal processed
+        nonlocal processed, highest
         if not pending:
             return
         detections = detector.detect_arrays([item[3] for item in pending])
         for (image_id, path, name, array), det in zip(pending, detections):
+            highest = max([highest, *det.scores.tolist()])
+            det = det.filter(det.scores >= args.threshold)
             with atomic_output(out / name) as tmp:
                 draw_detections(array, det).save(tmp, format="PNG" if name.endswith(".png") else "JPEG", quality=95)
             for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
@@ -185,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
     with atomic_output(out / "detections.json") as tmp:
         tmp.write_text(json.dumps(results))
     print(f"{processed} image(s) processed, {len(results)} detection(s) written to {out}; {len(warnings)} warning(s)")
+    if processed and not results:
+        best = f"the highest score was {highest:.3f}" if highest >= 0 else "the model returned no detection at all"
+        print(f"no detection scored --threshold {args.threshold} or more; {best} (lower --threshold to see more, "
+              "or train longer: compare the run's AP with its constant-box baseline in metrics.jsonl)")
     if processed == 0:
         raise DetrKitError("no input could be processed (each is named above)", "give readable image files")
     return 0

@@ -1,4 +1,5 @@
-"""Prediction examples drawn during training: a few validation images with their detections, as PNG files."""
+"""Prediction examples drawn during training: a few validation images with their ground truth and detections in
+two colours, as PNG files of a legible size."""
 
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ def draw_examples(
     device: torch.device,
     amp: str = "off",
 ) -> list[Path]:
-    """Draw the predictions of ``model`` on the first ``count`` images of ``dataset`` into ``folder``.
+    """Draw the ground truth and the predictions of ``model`` on the first ``count`` images of ``dataset``.
 
-    The model runs in eval mode on one image at a time (no padding) ; ``evaluation_mode`` puts back its modes.
+    The model runs in eval mode on one image at a time (no padding); ``evaluation_mode`` puts back its modes. Each
+    picture shows the ground truth and the predictions scoring ``EXAMPLE_SCORE_THRESHOLD`` or more in two colours
+    with a legend, enlarged to 512 px or more on its longer side (``draw_ground_truth_and_predictions``).
 
     Args:
         model: the detector, ``model(images [1,3,h,w], None) -> DetectionOutput``.
@@ -46,7 +49,9 @@ def draw_examples(
         The paths written.
     """
     from detr_kit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from detr_kit.visualize import draw_detections
+    from detr_kit.ops.boxes import box_cxcywh_to_xyxy
+    from detr_kit.structures import Detections
+    from detr_kit.visualize import draw_ground_truth_and_predictions
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,9 +65,14 @@ def draw_examples(
                 output = model(image[None].to(device), None)
             size = torch.tensor([list(image.shape[-2:])], device=device)  # [1, 2] (h, w) of this image
             detections = postprocessor(outputs_to_float(output), size)[0].to("cpu")
-            keep = detections.scores >= EXAMPLE_SCORE_THRESHOLD
+            height, width = image.shape[-2:]
+            boxes = box_cxcywh_to_xyxy(target.boxes) * torch.tensor([width, height, width, height])  # [T, 4] pixels
+            crowd = target.iscrowd.tolist() if target.iscrowd is not None else [False] * len(target)
+            labels = [names[label] + (" (crowd)" if is_crowd else "")
+                      for label, is_crowd in zip(target.labels.tolist(), crowd)]
+            truth = Detections(boxes, torch.ones(len(target)), target.labels, labels)
             picture = (image.cpu() * std + mean).clamp(0, 1)  # [3, h, w] in 0..1
-            drawn = draw_detections(picture, detections.filter(keep), names=list(names))
+            drawn = draw_ground_truth_and_predictions(picture, truth, detections, list(names), EXAMPLE_SCORE_THRESHOLD)
             path = folder / f"epoch_{epoch:03d}_{int(target.image_id)}.png"
             drawn.save(path)
             written.append(path)

@@ -5,9 +5,10 @@ unconditionally.
 
 ``metrics.jsonl`` holds one JSON record per line: ``{"kind": "step", "epoch", "step", "lr", "loss",
 <terms>}`` every ``log_every_steps`` optimizer steps and ``{"kind": "epoch", "epoch", "step", "time_s",
-<mean train terms as train/...>, <AP numbers as val/...>}`` after each epoch. The plots are redrawn from
-the epoch records after each epoch: ``plots/losses.png`` (train loss terms per epoch) and
-``plots/ap.png`` (AP, AP50, AP75 per evaluated epoch).
+<mean train terms as train/...>, <AP numbers as val/...>, <the constant-box baseline's as baseline/...>}`` after each
+epoch; ``{"kind": "baseline", "epoch", "step", "AP", "AP50"}`` when a run starts (``engine/baseline.py``). The plots
+are redrawn from the records after each epoch: ``plots/losses.png`` (train loss terms per epoch) and
+``plots/ap.png`` (AP, AP50, AP75 per evaluated epoch; the baseline's AP and AP50 as dashed lines).
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ class MetricsLogger:
                 self._writer.add_scalar(f"train/{key}", value, step)
             self._writer.add_scalar("train/lr", lr, step)
 
+    def log_baseline(self, epoch: int, step: int, metrics: Mapping[str, float]) -> None:
+        """The constant-box baseline's AP numbers, once when a run (or a resumed one) starts."""
+        if not self.enabled:
+            return
+        self._append({"kind": "baseline", "epoch": epoch, "step": step, **metrics})
+
     def log_epoch(self, epoch: int, step: int, record: Mapping[str, Any]) -> None:
         """One record per epoch (mean train terms, evaluation metrics, times), then redraw the plots."""
         if not self.enabled:
@@ -163,9 +170,12 @@ def plot_metrics(metrics_path: str | Path, plots_dir: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     epochs = {}
+    baseline: dict = {}
     for record in read_metrics(metrics_path):
         if record.get("kind") == "epoch":
             epochs[record["epoch"]] = record  # a resumed epoch overwrites its first attempt
+        elif record.get("kind") == "baseline":
+            baseline = record  # the latest run's
     if not epochs:
         return []
     plots_dir = Path(plots_dir)
@@ -193,13 +203,16 @@ def plot_metrics(metrics_path: str | Path, plots_dir: str | Path) -> list[Path]:
     if evaluated:
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in ("AP", "AP50", "AP75"):
-            ax.plot([r["epoch"] for r in evaluated], [r.get(f"val/{key}", float("nan")) for r in evaluated],
-                    marker="o", label=key)
+            line, = ax.plot([r["epoch"] for r in evaluated], [r.get(f"val/{key}", float("nan")) for r in evaluated],
+                            marker="o", label=key)
+            if isinstance(baseline.get(key), (int, float)):
+                ax.axhline(baseline[key], color=line.get_color(), linestyle="--", linewidth=1.2,
+                           label=f"{key} of a constant box per class")
         ax.set_xlabel("epoch")
         ax.set_ylabel("COCO bbox AP")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(plots_dir / "ap.png", dpi=100)
         plt.close(fig)

@@ -28,6 +28,12 @@ import torch
 from torch import nn
 
 from detr_kit.config import Config, save_config
+from detr_kit.engine.baseline import (
+    baseline_line,
+    constant_box_baseline,
+    near_baseline_warning,
+    small_dataset_warning,
+)
 from detr_kit.engine import distributed as dist_utils
 from detr_kit.engine.checkpoint import (
     capture_rng_state,
@@ -101,6 +107,8 @@ class Trainer:
         self.batch_in_epoch = 0  # batches of ``self.epoch`` already consumed
         self.best_ap = -math.inf
         self.metrics: dict[str, Any] = {}
+        self.baseline: dict[str, float] = {}  # AP and AP50 of the constant-box baseline (engine/baseline.py)
+        self._warned_near_baseline = False
         self.resumed_from: Path | None = None
         self._bad_in_a_row = 0  # consecutive steps with a non-finite loss or gradient
         if resume is not None:
@@ -272,6 +280,8 @@ class Trainer:
 
     def _train(self, stop: StopSignal) -> dict[str, Any]:
         log = print if self.is_main else (lambda *a, **k: None)
+        if self.epoch < self.cfg.train.epochs:
+            self._report_start(log)
         while self.epoch < self.cfg.train.epochs:
             epoch, timer = self.epoch, Timer()
             tally = self._run_epoch(epoch, stop, log)
@@ -283,6 +293,21 @@ class Trainer:
                     f"wrote {self.output_dir / 'last.pth'}. Continue with --resume.")
                 return self._result(stopped=True)
         return self._result(stopped=False)
+
+    def _report_start(self, log: Callable[..., None]) -> None:
+        """Warn about a random backbone on a small dataset; score, print and log the constant-box baseline."""
+        t, m = self.cfg.train, self.cfg.model
+        warning = small_dataset_warning(m.backbone.weights, t.init_from, len(self.parts.train_dataset),
+                                        self.cfg.data.dataset)
+        if warning:
+            log(warning)
+        if t.overfit_batches > 0 or t.eval_every_epochs <= 0:  # no validation AP to compare it with
+            return
+        metrics = constant_box_baseline(self.parts.train_dataset.coco, self.parts.eval_dataset.coco, self.label_map,
+                                        self.cfg.eval.backend)
+        self.baseline = {"AP": metrics["AP"], "AP50": metrics["AP50"]}
+        log(baseline_line(metrics))
+        self.logger.log_baseline(self.epoch, self.step, self.baseline)
 
     def _run_epoch(self, epoch: int, stop: StopSignal, log: Callable[..., None]) -> EpochTally | None:
         """The optimizer steps of one epoch (from ``batch_in_epoch`` on); None when a stop signal ended it early."""
@@ -368,6 +393,7 @@ class Trainer:
             metrics = self.evaluate(epoch)
             self.metrics = {k: metrics[k] for k in AP_KEYS if k in metrics}
             record.update({f"val/{k}": v for k, v in self.metrics.items()})
+            record.update({f"baseline/{k}": v for k, v in self.baseline.items()})
             record["eval_time_s"] = eval_timer.elapsed
         self.logger.log_epoch(epoch, self.step, record)
         improved = evaluated and self.metrics.get("AP", -math.inf) > self.best_ap
@@ -377,6 +403,11 @@ class Trainer:
         if improved:
             self.save("best.pth")
         self._print_summary(epoch, record, log)
+        if evaluated and self.baseline and not self._warned_near_baseline:
+            warning = near_baseline_warning(self.epoch, t.epochs, self.metrics["AP"], self.baseline["AP"])
+            if warning:
+                log(warning)
+                self._warned_near_baseline = True
 
     def _should_stop(self, stop: StopSignal) -> bool:
         if not self.dist.enabled:
@@ -391,6 +422,8 @@ class Trainer:
         ap = ""
         if "val/AP" in record:
             ap = f" | AP {record['val/AP']:.4f}, AP50 {record['val/AP50']:.4f}, AP75 {record['val/AP75']:.4f}"
+            if "baseline/AP" in record:
+                ap += f" (constant-box baseline AP {record['baseline/AP']:.4f}, AP50 {record['baseline/AP50']:.4f})"
         bad_images = len(getattr(self.parts.train_dataset, "bad_images", ()) or ())
         log(f"epoch {epoch + 1}/{self.cfg.train.epochs} done in {record['time_s']:.1f}s "
             f"(step {self.step}) | {losses}{ap} | skipped steps {record['skipped_steps']}, "

@@ -92,3 +92,18 @@ def test_show_aug_writes_pngs(tmp_path, check_data):
     written = sorted((tmp_path / "aug").glob("*.png"))
     assert code == 0 and len(written) == 3
     assert max(Image.open(written[0]).size) <= 128
+
+
+def test_root_check_prints_the_constant_box_baseline_of_pycocotools(check_data, capsys):
+    from references import pycocotools_baseline
+
+    annotations = COCO128 / "annotations"
+    code = check_data.main(["--root", str(COCO128), "--skip-pixels", "data.train_images=images",
+                            "data.val_images=images", "data.train_annotations=annotations/instances_train.json",
+                            "data.val_annotations=annotations/instances_val.json"])
+    out = capsys.readouterr().out
+    expected = pycocotools_baseline(json.loads((annotations / "instances_train.json").read_text()),
+                                    json.loads((annotations / "instances_val.json").read_text()))
+    assert code == 0
+    assert f"constant-box baseline (one box per class at its mean training position): AP {expected[0]:.4f}, " \
+           f"AP50 {expected[1]:.4f} on the validation split" in out

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from detr_kit.build import build_model
 from detr_kit.config import config_from_dict
@@ -117,3 +118,56 @@ def test_nothing_readable_is_an_error_and_overwrite_replaces(workspace, tmp_path
         assert annotated.size == (640, 480)
     results = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert results and {r["image_id"] for r in results} == {1} and {r["file_name"] for r in results} == {"photo.jpg"}
+
+
+def test_annotations_give_the_jsons_own_ids_and_pycocotools_scores_the_file(workspace, tmp_path, capsys):
+    infer = _load_tool()
+    # The user's json: other file names, other image ids, and category ids 0..79 (YOLO's numbering) with COCO's names.
+    data = load_coco_json(COCO128 / "annotations" / "instances_train.json")
+    new_id = {c["id"]: index for index, c in enumerate(data["categories"])}
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    images, annotations = [], []
+    for number, name in enumerate(NAMES):
+        (image,) = [i for i in data["images"] if i["file_name"] == name]
+        shutil.copy(COCO128 / "images" / name, photos / f"photo_{number}.jpg")
+        images.append({**image, "id": 500 + number, "file_name": f"sub/photo_{number}.jpg"})
+        annotations += [{**a, "image_id": 500 + number, "category_id": new_id[a["category_id"]]}
+                        for a in data["annotations"] if a["image_id"] == image["id"]]
+    categories = [{"id": new_id[c["id"]], "name": c["name"]} for c in data["categories"]]
+    user_json = tmp_path / "user.json"
+    user_json.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+    args = ["--checkpoint", str(workspace / "tiny.pth"), "--device", "cpu", str(photos), "--annotations", str(user_json)]
+    assert infer.main([*args, "--out", str(tmp_path / "out"), "--threshold", "0"]) == 0
+    results = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert {r["image_id"] for r in results} == {500, 501, 502}
+    # The same detections without --annotations carry COCO's ids: each names the same class as the json's id does.
+    assert infer.main([*args[:-2], "--out", str(tmp_path / "plain"), "--threshold", "0"]) == 0
+    plain = json.loads((tmp_path / "plain" / "detections.json").read_text())
+    coco_name = {c["id"]: c["name"] for c in data["categories"]}
+    json_name = {c["id"]: c["name"] for c in categories}
+    assert len(plain) == len(results) and any(p["category_id"] != r["category_id"] for p, r in zip(plain, results))
+    assert all(coco_name[p["category_id"]] == json_name[r["category_id"]] for p, r in zip(plain, results))
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools scores it against the user's json as it is
+        gt = COCO(str(user_json))
+        evaluation = COCOeval(gt, gt.loadRes(str(tmp_path / "out" / "detections.json")), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert evaluation.stats[0] >= 0.0
+    highest = max(r["score"] for r in results)
+
+    # Nothing above the threshold: said, with the highest score seen.
+    capsys.readouterr()
+    assert infer.main([*args, "--out", str(tmp_path / "none"), "--threshold", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert f"no detection scored --threshold 1.0 or more; the highest score was {highest:.3f}" in out
+    assert json.loads((tmp_path / "none" / "detections.json").read_text()) == []
+
+    # An input the json does not list: one line, before the model is loaded.
+    shutil.copy(COCO128 / "images" / NAMES[0], photos / "stranger.jpg")
+    assert infer.main([*args, "--out", str(tmp_path / "third")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: --annotations {user_json} has no image named stranger.jpg" in err and "Traceback" not in err
+    assert not (tmp_path / "third").exists()
