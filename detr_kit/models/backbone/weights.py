@@ -131,9 +131,11 @@ def resize_position_embedding(table: Tensor, src_grid: tuple[int, int], dst_grid
         dst_grid: (dst_h, dst_w), the grid wanted.
 
     Returns:
-        [dst_h * dst_w, C]; the table itself when the grids are equal. Interpolation is bicubic with
-        ``align_corners=False`` and no antialiasing (as timm and torchvision resize ViT position embeddings),
-        computed in float32 at least (float64 stays float64).
+        [dst_h * dst_w, C]; equal to the table when the grids are equal (at scale 1 the bicubic weights are
+        exactly 1 on the cell itself and 0 elsewhere; there is no shortcut for that case, because a branch on
+        the grid size would be frozen into an export). Interpolation is bicubic with ``align_corners=False`` and
+        no antialiasing (as timm and torchvision resize ViT position embeddings), computed in float32 at least
+        (float64 stays float64).
 
     Raises:
         ValueError: the table's length is not src_h * src_w.
@@ -142,8 +144,6 @@ def resize_position_embedding(table: Tensor, src_grid: tuple[int, int], dst_grid
     src_h, src_w = src_grid
     if table.shape[0] != src_h * src_w:
         raise ValueError(f"position table has {table.shape[0]} entries, not {src_h}x{src_w} = {src_h * src_w}")
-    if tuple(dst_grid) == (src_h, src_w):
-        return table
     grid = rearrange(table, "(h w) c -> 1 c h w", h=src_h, w=src_w)  # [1, C, src_h, src_w]
     grid = grid.to(torch.promote_types(grid.dtype, torch.float32))  # no bicubic in half precision
     grid = F.interpolate(grid, size=tuple(dst_grid), mode="bicubic", align_corners=False)  # [1, C, dst_h, dst_w]
