@@ -170,16 +170,20 @@ def export_onnx(
         metadata: written into the file's ``metadata_props`` (see ``metadata.py``).
 
     Raises:
-        CaptureError: torch.export could not capture the model with the sizes asked for dynamic.
+        CaptureError: torch.export could not capture the model with the sizes asked for dynamic, or the captured
+            program could not be written as ONNX.
     """
     path = Path(path)
     program = capture(model, image_size, dynamic_size)
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
-    with quiet_export():
-        onnx_program = torch.onnx.export(
-            program, (example_images(image_size),), input_names=["images"], output_names=["logits", "boxes"],
-            dynamic_shapes={"images": axes}, opset_version=opset, dynamo=True, verbose=False,
-        )
+    try:
+        with quiet_export():
+            onnx_program = torch.onnx.export(
+                program, (example_images(image_size),), input_names=["images"], output_names=["logits", "boxes"],
+                dynamic_shapes={"images": axes}, opset_version=opset, dynamo=True, verbose=False,
+            )
+    except Exception as err:  # an operator without an ONNX translation, a failed opset conversion, ...
+        raise CaptureError(f"the ONNX conversion failed: {first_line(err)}") from err
     onnx_program.model.metadata_props.update(dict(metadata or {}))
     onnx_program.save(str(path), external_data=False)
     written_opset = int(onnx_program.model.opset_imports.get("", opset))

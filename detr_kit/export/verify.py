@@ -231,7 +231,7 @@ def export_verified(
         try:
             report = _export_and_verify(model, out, fmt, image_size, opset, metadata, reference, sizes, True)
         except CaptureError as err:
-            reason = f"torch.export cannot keep them dynamic: {err}"
+            reason = f"the dynamic export failed: {err}"
         else:
             failed = [row for row in report.rows if not row.ok]
             if not failed or any(row.size == sizes[0] for row in failed):
