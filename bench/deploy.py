@@ -191,7 +191,8 @@ def measure_model(key: str, checkpoint: Path | None, threads: int, repeats: int,
 
             eager_s, eager_runs = median_time(eager, repeats)
             expected = [t.float().numpy() for t in eager()]
-            record = {"model": key, "size": [height, width], "export": how, "eager_s": eager_s, "eager_runs": eager_runs}
+            record = {"model": key, "size": [height, width], "export": how, "eager_s": eager_s,
+                      "eager_runs": eager_runs}
             reason = ort_error(files[(height, width)], images) if (height, width) in files else None
             if reason is not None:
                 # A "dynamic" file that fails at this size (a size frozen in the graph): export this size alone, as
@@ -235,7 +236,8 @@ def measure_ap(model: nn.Module, cfg, label_map, fp32: Path, int8: Path, threads
     _, val = build_datasets(cfg, label_map)
     loader = build_val_loader(val, batch_size=8, num_workers=0)
     record = {"model": "quickstart", "ap_images": len(val)}
-    for name, runner in (("eager", model), ("ort_fp32", OnnxModel(fp32, threads)), ("ort_int8", OnnxModel(int8, threads))):
+    runners = (("eager", model), ("ort_fp32", OnnxModel(fp32, threads)), ("ort_int8", OnnxModel(int8, threads)))
+    for name, runner in runners:
         with contextlib.redirect_stdout(io.StringIO()):
             metrics = evaluate(runner, build_postprocessor(cfg), loader, val.coco, label_map, "cpu", verbose=False)
         record[f"{name}_ap"], record[f"{name}_ap50"] = metrics["AP"], metrics["AP50"]
@@ -293,7 +295,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=[*OURS, *PEERS], choices=[*OURS, *PEERS])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sizes", nargs="+", default=[f"{h}x{w}" for h, w in SIZES], help="HxW (default 640x640 800x1066)")
+    parser.add_argument("--sizes", nargs="+", default=[f"{h}x{w}" for h, w in SIZES],
+                        help="HxW (default 640x640 800x1066)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results_deploy.json")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # worker mode: one model, JSON lines
     args = parser.parse_args()

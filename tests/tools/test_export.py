@@ -76,7 +76,8 @@ def test_onnx_export_then_infer_onnx_writes_the_checkpoints_detections(tmp_path:
     session = onnxruntime.InferenceSession(str(tmp_path / "detector.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
 
-    val = sorted(image["file_name"] for image in load_coco_json(COCO128 / "annotations" / "instances_val.json")["images"])
+    annotations = load_coco_json(COCO128 / "annotations" / "instances_val.json")
+    val = sorted(image["file_name"] for image in annotations["images"])
     images = [str(COCO128 / "images" / name) for name in val]  # 32 real photographs, many sizes and aspect ratios
     common = ["--threshold", "0.0", "--batch-size", "3"]
     torch_run = _tool("infer.py", "--checkpoint", str(checkpoint), *images, "--out", "torch", "--device", "cpu",
