@@ -3,6 +3,7 @@
     detector = Detector.from_checkpoint("runs/x/best.pth", threshold=0.5)
     dets = detector("photo.jpg")                       # one Detections
     dets = detector(["a.jpg", pil_image, array])       # a list of them
+    detector = Detector.from_onnx("detector.onnx")     # the same detections from an exported file (onnxruntime)
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Detector:
     Args:
         model: a detector, ``model(images [B,3,H,W], mask [B,H,W]) -> DetectionOutput``.
         cfg: its Config; ``cfg.data`` defines the evaluation preprocessing and ``cfg.eval`` the post-processing.
+            May be None when ``transforms`` and ``postprocessor`` are given (an exported model, ``from_onnx``).
         label_map: label -> category id and name.
         device: where to run; None = CUDA when available, else CPU.
         threshold: detections scoring below it are dropped.
@@ -100,6 +102,8 @@ class Detector:
         batch_size: images per forward pass when a list is given.
         transforms: preprocessing ``(image=HWC uint8, bboxes, labels, iscrowd) -> {"image": [3, H', W'] float}``;
             None = ``build_transforms(cfg.data, train=False)``, the evaluation pipeline.
+        postprocessor: ``(DetectionOutput, orig_sizes [B, 2]) -> list[Detections]``; None =
+            ``build_postprocessor(cfg)``.
 
     Each call runs the model in eval mode with ``exact_padding``, so an image gives the same detections alone or
     batched with larger images, and then gives every submodule its train/eval mode back: a Detector can wrap a model
@@ -109,17 +113,20 @@ class Detector:
     def __init__(
         self,
         model: nn.Module,
-        cfg: Config,
+        cfg: Config | None,
         label_map: LabelMap,
         device: torch.device | str | None = None,
         threshold: float = 0.5,
         amp: bool = False,
         batch_size: int = 4,
         transforms: Callable[..., dict] | None = None,
+        postprocessor: Callable[..., list[Detections]] | None = None,
     ) -> None:
         from detr_kit.build import build_postprocessor, build_transforms
 
-        if not isinstance(cfg, Config):
+        if cfg is None and (transforms is None or postprocessor is None):
+            raise TypeError("Detector: without a cfg, give both transforms and postprocessor")
+        if cfg is not None and not isinstance(cfg, Config):
             raise TypeError(f"Detector: cfg must be a detr_kit Config, got {type(cfg).__name__}")
         if not isinstance(label_map, LabelMap):
             raise TypeError(f"Detector: label_map must be a LabelMap, got {type(label_map).__name__}")
@@ -138,7 +145,7 @@ class Detector:
         self.amp = bool(amp)
         self.batch_size = int(batch_size)
         self.transforms = transforms if transforms is not None else build_transforms(cfg.data, train=False)
-        self.postprocessor = build_postprocessor(cfg)
+        self.postprocessor = postprocessor if postprocessor is not None else build_postprocessor(cfg)
 
     @classmethod
     def from_checkpoint(
@@ -191,6 +198,32 @@ class Detector:
         model.load_state_dict(weights)
         model.eval()  # the detector's own model: used for inference only
         return cls(model, cfg, label_map, device=device, threshold=threshold, amp=amp, batch_size=batch_size)
+
+    @classmethod
+    def from_onnx(
+        cls, path: str | Path, threshold: float = 0.5, batch_size: int = 4, num_threads: int | None = None
+    ) -> "Detector":
+        """Run an ONNX file written by ``tools/export.py`` with onnxruntime (CPU).
+
+        The label map and the pre- and post-processing settings come from the file's metadata, so the detections
+        are those of ``from_checkpoint`` on the checkpoint it was exported from (within the export's verified
+        tolerances); only onnxruntime and the file are needed. Each image runs alone on its own size.
+
+        Args:
+            path: the .onnx file.
+            threshold: detections scoring below it are dropped.
+            batch_size: images preprocessed and post-processed together when a list is given.
+            num_threads: onnxruntime's intra-op threads; None = its default.
+
+        Raises:
+            CheckpointError: onnxruntime is missing, or the file is missing, unreadable or holds no detr_kit metadata.
+        """
+        from detr_kit.export.onnx_model import OnnxModel
+
+        model = OnnxModel(path, num_threads=num_threads)
+        info = model.info
+        return cls(model, None, info.label_map, device="cpu", threshold=threshold, batch_size=batch_size,
+                   transforms=info.transforms(), postprocessor=info.postprocessor())
 
     def preprocess(self, image: np.ndarray) -> Tensor:
         """The evaluation transform of one RGB uint8 image [H, W, 3] -> [3, H', W'] float, normalised."""

@@ -1,6 +1,10 @@
 """Detect objects in images with a trained checkpoint; write annotated images and a COCO-results json.
 
     python tools/infer.py --checkpoint runs/x/best.pth photos/ extra/*.jpg --out predictions/
+    python tools/infer.py --onnx detector.onnx photos/ --out predictions/     # onnxruntime, no checkpoint
+
+``--onnx`` runs a file written by ``tools/export.py --format onnx`` with onnxruntime on the CPU, with the same
+pre- and post-processing, label map and outputs as the checkpoint it was exported from (all read from the file).
 
 Inputs are files, folders (their images, not recursive) or glob patterns. For every readable input an
 annotated copy is written to --out, and all detections go to --out/detections.json in COCO results format
@@ -12,8 +16,8 @@ When no detection passes --threshold, it says so and gives the highest score see
 
 Unreadable inputs are reported by name and skipped; the exit code is 0 with a warning count unless nothing
 could be processed (exit 1). --out must be a new, empty or detr_kit-made folder, and existing outputs in it are
-never overwritten without --overwrite (exit 2); an input is never overwritten. A bad checkpoint or output folder
-is one line ``error: <what> — <fix>`` (--debug shows the traceback).
+never overwritten without --overwrite (exit 2); an input is never overwritten. A bad checkpoint, ONNX file or
+output folder is one line ``error: <what> — <fix>`` (--debug shows the traceback).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a detr_kit checkpoint (.pth)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a detr_kit checkpoint (.pth)")
+    model.add_argument("--onnx", help="an ONNX file written by tools/export.py (run with onnxruntime on the CPU)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum score kept (default 0.5)")
@@ -45,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--threshold {args.threshold} is invalid; allowed: a score in [0, 1]")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size} is invalid; allowed: an integer >= 1")
+    if args.onnx and args.device not in (None, "cpu"):
+        parser.error(f"--device {args.device} is invalid with --onnx; allowed: cpu (onnxruntime's CPU provider)")
     return args
 
 
@@ -177,7 +185,11 @@ def run(args: argparse.Namespace) -> int:
     from detr_kit.visualize import draw_detections
 
     # Every detection comes back (threshold 0) so that the highest score is known when none passes --threshold.
-    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=0.0, trusted=args.trusted)
+    if args.onnx:
+        detector = Detector.from_onnx(args.onnx, threshold=0.0, batch_size=args.batch_size)
+    else:
+        detector = Detector.from_checkpoint(args.checkpoint, device=args.device, threshold=0.0,
+                                            batch_size=args.batch_size, trusted=args.trusted)
     category_ids = detector.label_map.category_ids
     if categories is not None:  # the json's ids for the checkpoint's classes, matched by id and name, else by name
         from detr_kit.data.coco import match_label_map

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from detr_kit.models.deformable.attention import MSDeformAttn, check_inputs, compute_dtype
+from detr_kit.models.deformable.levels import level_sizes_wh
 from detr_kit.ops.autocast import autocast_dtype
 from detr_kit.ops.deform_attn import ms_deform_attn
 
@@ -111,8 +112,8 @@ class FastMSDeformAttn(nn.Module):
         per_point = (batch, num_queries, 1, 2, levels, points)
         if reference_points.shape[2] == 2:
             origin = reference_points[:, :, None, :, :, None].expand(per_point).contiguous()  # [B, Lq, 1, 2, L, P]
-            sizes = torch.tensor([[w for _, w in spatial_shapes], [h for h, _ in spatial_shapes]], dtype=dtype)
-            scale = (1.0 / sizes)[:, :, None].expand(2, levels, points).contiguous().to(query.device)  # [2, L, P]
+            sizes = level_sizes_wh(spatial_shapes, offsets).t()  # [2, L] (w, h) rows
+            scale = (1.0 / sizes)[:, :, None].expand(2, levels, points).contiguous()  # [2, L, P]
         else:
             origin = reference_points[:, :, None, :2, :, None].expand(per_point).contiguous()  # box centres
             scale = (reference_points[:, :, None, 2:, :, None] * (0.5 / points)).expand(per_point).contiguous()

@@ -333,13 +333,13 @@ class ViTBackbone(nn.Module):
         source = (self.pretrain_grid, self.pretrain_grid)
         if mask is None:
             patch_mask = torch.zeros(batch, h, w, dtype=torch.bool, device=images.device)
-            valid_grid = torch.tensor([[h, w]], device=images.device)  # [1, 2]: one table for the batch
             key_valid = None
         else:
             patch_mask = padding_mask_at_stride(mask, p)  # [B, h, w]
-            patch_valid = ~patch_mask
-            valid_grid = torch.stack([patch_valid.any(dim=2).sum(dim=1), patch_valid.any(dim=1).sum(dim=1)], -1)
-            key_valid = patch_valid.flatten(1)  # [B, h*w]
+            key_valid = (~patch_mask).flatten(1)  # [B, h*w]
+        # Each image's valid grid by tensor ops, so that a trace or an export keeps it symbolic; one table unmasked.
+        patch_valid = ~patch_mask if mask is not None else ~patch_mask[:1]  # [B or 1, h, w]
+        valid_grid = torch.stack([patch_valid.any(dim=2).sum(dim=1), patch_valid.any(dim=1).sum(dim=1)], -1)  # [B|1, 2]
         pos = position_embedding_per_image(table, source, valid_grid, (h, w), self.position_interpolation)
         # pos: [B, h, w, C] ([1, h, w, C] without a mask)
         tokens = rearrange(x + pos.to(x.dtype), "b h w c -> b (h w) c")  # [B, h*w, C]

@@ -161,20 +161,24 @@ class Block(nn.Module):
         return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
     def _windowed_attention(self, x: Tensor, grid: tuple[int, int], key_valid: Tensor | None) -> Tensor:
+        """Attention within ``size x size`` windows of the patch grid, padded to a multiple of the window.
+
+        The padding keys are always masked out, also when the grid needed none: a branch on the amount of padding
+        would be frozen into a trace or an export at the example's size (the masked attention costs the same).
+        """
         h, w = grid
         size = self.window_size
+        batch, _, channels = x.shape
         pad_h, pad_w = (-h) % size, (-w) % size
-        batch = x.shape[0]
-        x = rearrange(x, "b (h w) c -> b h w c", h=h, w=w)
+        rows, cols = (h + pad_h) // size, (w + pad_w) // size  # windows per column and per row
         valid = x.new_ones(batch, h, w, dtype=torch.bool) if key_valid is None else key_valid.reshape(batch, h, w)
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # [B, h', w', C], h' and w' multiples of the window
-        valid = F.pad(valid, (0, pad_w, 0, pad_h), value=False)  # [B, h', w']
-        windows = rearrange(x, "b (nh s1) (nw s2) c -> (b nh nw) (s1 s2) c", s1=size, s2=size)  # [B * nW, s*s, C]
-        windows_valid = rearrange(valid, "b (nh s1) (nw s2) -> (b nh nw) (s1 s2)", s1=size, s2=size)
-        needs_mask = key_valid is not None or pad_h or pad_w
-        windows = self.attn(windows, (size, size), windows_valid if needs_mask else None)  # [B * nW, s*s, C]
-        x = rearrange(windows, "(b nh nw) (s1 s2) c -> b (nh s1) (nw s2) c", b=batch, nh=(h + pad_h) // size, s1=size)
-        return rearrange(x[:, :h, :w], "b h w c -> b (h w) c")  # [B, h * w, C]
+        valid = F.pad(valid, (0, pad_w, 0, pad_h), value=False)  # [B, h', w'], h' and w' multiples of the window
+        x = F.pad(x.reshape(batch, h, w, channels), (0, 0, 0, pad_w, 0, pad_h))  # [B, h', w', C]
+        windows = x.view(batch, rows, size, cols, size, channels).transpose(2, 3).reshape(-1, size * size, channels)
+        windows_valid = valid.view(batch, rows, size, cols, size).transpose(2, 3).reshape(-1, size * size)
+        windows = self.attn(windows, (size, size), windows_valid)  # [B * rows * cols, s*s, C]
+        x = windows.view(batch, rows, cols, size, size, channels).transpose(2, 3).reshape(batch, rows * size, -1, channels)
+        return x[:, :h, :w].reshape(batch, h * w, channels)  # [B, h * w, C]
 
 
 __all__ = ["LAYER_NORM_EPS", "MLP_RATIO", "Attention", "Block", "FeedForward", "PatchEmbed"]

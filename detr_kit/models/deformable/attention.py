@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from detr_kit.models.deformable.levels import level_sizes_wh
 from detr_kit.ops.deform_attn import ms_deform_attn
 
 
@@ -36,8 +37,7 @@ def sampling_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes
     """
     points = offsets.shape[-2]
     if reference_points.shape[-1] == 2:
-        sizes = [torch.tensor([float(w), float(h)]) for h, w in spatial_shapes]  # (w, h) per level
-        normalizer = torch.stack(sizes).to(offsets)  # [L, 2]
+        normalizer = level_sizes_wh(spatial_shapes, offsets)  # [L, 2] (w, h)
         return reference_points[:, :, None, :, None, :] + offsets / normalizer[:, None, :]
     centres, extents = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
     return centres + offsets / points * extents * 0.5

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from detr_kit.models.deformable.attention import MSDeformAttn
+from detr_kit.models.deformable.levels import level_sizes_wh
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -119,8 +120,8 @@ def pixel_grid(spatial_shapes: Sequence[tuple[int, int]], device: torch.device) 
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)  # [h*w, 2] (x, y)
         centres.append(grid)
         levels.append(torch.full((height * width,), level, dtype=torch.int64, device=device))
-    sizes = torch.stack([torch.tensor([float(w), float(h)]) for h, w in spatial_shapes]).to(device)  # [L, 2]
-    return torch.cat(centres), torch.cat(levels), sizes
+    centres = torch.cat(centres)  # [S, 2]
+    return centres, torch.cat(levels), level_sizes_wh(spatial_shapes, centres)
 
 
 __all__ = ["DeformableEncoder", "DeformableEncoderLayer", "pixel_grid"]

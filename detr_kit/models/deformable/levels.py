@@ -24,6 +24,17 @@ def backbone_level_count(num_levels: int) -> int:
     return 1 if num_levels == 1 else min(num_levels, 3)
 
 
+def level_sizes_wh(spatial_shapes: Sequence[tuple[int, int]], like: Tensor) -> Tensor:
+    """[L, 2] (w, h) of every level, with ``like``'s dtype and device.
+
+    The sizes come as plain ints in eager mode, symbolic ints under ``torch.export`` and ``torch.compile``, and
+    0-dim tensors under ``torch.jit.trace``. Multiplying a tensor by them is recorded in all three (``torch.tensor``
+    and ``float()`` would freeze the traced numbers), so an exported graph takes them from its input's size.
+    """
+    one = like.new_ones(())
+    return torch.stack([torch.stack([one * w, one * h]) for h, w in spatial_shapes])
+
+
 def masked_group_norm(x: Tensor, mask: Tensor, norm: nn.GroupNorm) -> Tensor:
     """GroupNorm whose statistics come from the valid (unpadded) positions only.
 
@@ -136,4 +147,11 @@ class FeatureLevels(nn.ModuleList):
         return srcs, masks
 
 
-__all__ = ["FeatureLevels", "GROUP_NORM_GROUPS", "backbone_level_count", "extra_level_mask", "masked_group_norm"]
+__all__ = [
+    "FeatureLevels",
+    "GROUP_NORM_GROUPS",
+    "backbone_level_count",
+    "extra_level_mask",
+    "level_sizes_wh",
+    "masked_group_norm",
+]

@@ -104,12 +104,13 @@ def _checked_shapes(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> list[tuple[int, int]]:
-    """(h, w) per level as Python ints, after checking that the inputs' shapes agree (ValueError if not)."""
+    """(h, w) per level (Python ints, or the symbolic / traced sizes of an export), after checking that the inputs'
+    shapes agree (ValueError if not)."""
     if isinstance(spatial_shapes, Tensor):
         if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
             raise ValueError(f"spatial_shapes must be [L, 2] (h, w) per level, got shape {tuple(spatial_shapes.shape)}")
         spatial_shapes = spatial_shapes.tolist()
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    shapes = [(h, w) for h, w in spatial_shapes]  # not int(): traced (0-dim tensor) or symbolic sizes stay so
     if value.dim() != 4:
         raise ValueError(f"value must be [B, S, M, Dh], got shape {tuple(value.shape)}")
     batch, total, num_heads, _ = value.shape
