@@ -15,6 +15,26 @@ from torch import Tensor, nn
 from detr_kit.structures import FeatureMap
 
 
+def checked_image_mask(images: Tensor, mask: Tensor | None) -> Tensor:
+    """The padding mask of a backbone's input: ``mask`` itself, or all False when None.
+
+    Args:
+        images: [B, 3, H, W] float.
+        mask: [B, H, W] bool, True on padding, or None (no padding).
+
+    Returns:
+        [B, H, W] bool.
+
+    Raises:
+        ValueError: ``images`` is not [B, 3, H, W].
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+    if mask is None:
+        mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+    return mask
+
+
 def valid_sizes(mask: Tensor) -> list[tuple[int, int]]:
     """(h, w) of each image's valid (unpadded) region; images sit at the top-left of the padded batch.
 
@@ -81,4 +101,8 @@ def run_backbone(backbone: nn.Module, images: Tensor, mask: Tensor | None, exact
     return outputs
 
 
-__all__ = ["run_backbone", "valid_sizes"]
+__all__ = [
+    "checked_image_mask",
+    "run_backbone",
+    "valid_sizes",
+]

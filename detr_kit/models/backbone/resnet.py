@@ -14,6 +14,7 @@ import torchvision
 from torch import Tensor, nn
 
 from detr_kit.errors import CheckpointError
+from detr_kit.models.backbone.padding import checked_image_mask
 from detr_kit.models.backbone.weights import LoadReport, backbone_state_dict, load_body_state_dict
 from detr_kit.structures import FeatureMap
 
@@ -187,10 +188,7 @@ class ResNetBackbone(nn.Module):
             One FeatureMap per returned stride: features [B, C_l, H_l, W_l], mask [B, H_l, W_l] (the image mask
             resized with nearest-neighbour interpolation, as DETR does).
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
-        if mask is None:
-            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        mask = checked_image_mask(images, mask)  # [B, H, W]
         body = self.body
         x = body.maxpool(body.relu(body.bn1(body.conv1(images))))  # [B, 64, H/4, W/4]
         outputs: list[FeatureMap] = []

@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
 from detr_kit.errors import CheckpointError
 from detr_kit.models.backbone.catalog import FAMILIES, VARIANTS
+from detr_kit.models.backbone.padding import checked_image_mask
 from detr_kit.models.backbone.resnet import FrozenBatchNorm2d
 from detr_kit.models.backbone.weights import LoadReport, backbone_state_dict, load_body_state_dict
 from detr_kit.structures import FeatureMap
@@ -161,10 +161,7 @@ class TorchvisionBackbone(nn.Module):
             One FeatureMap per returned stride: features [B, C_l, H_l, W_l], mask [B, H_l, W_l] (the image mask
             resized with nearest-neighbour interpolation, as DETR does).
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
-        if mask is None:
-            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        mask = checked_image_mask(images, mask)  # [B, H, W]
         x = images
         outputs: list[FeatureMap] = []
         for index, path in enumerate(self.layer_paths):

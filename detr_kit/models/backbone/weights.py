@@ -20,7 +20,6 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from detr_kit.errors import CheckpointError, ConfigError, PickledCodeError, checkpoint_load_error
-
 from detr_kit.models.backbone.position_interpolation import PositionInterpolation, resize_position_grid
 
 _WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
