@@ -24,6 +24,10 @@ SMALL = ["model.backbone.weights=null", "model.hidden_dim=32", "model.num_heads=
 NUM_CLASSES = 3
 # The configs whose ONNX export runs in the fast suite; the others are marked slow (torch.export takes 15-40 s each).
 FAST_ONNX = {"detr_r50", "quickstart"}
+# Known and open: torch.export fails on the relative-position ViT's attention (a float bias in
+# scaled_dot_product_attention: "Cannot view a tensor ... with strides ...") at any size, so this config's ONNX export
+# fails (TorchScript works). Strict: the test turns red when it starts to pass.
+ONNX_BROKEN = {"vit_two_phase_phase2": "torch.export cannot view the relative-position attention's output"}
 
 
 def small_models(config: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -52,6 +56,9 @@ def small_models(config: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def _params(fmt: str) -> list:
     marks = {c.stem: () if fmt == "torchscript" or c.stem in FAST_ONNX else (pytest.mark.slow,) for c in CONFIGS}
+    if fmt == "onnx":
+        for stem, reason in ONNX_BROKEN.items():
+            marks[stem] = (*marks[stem], pytest.mark.xfail(reason=reason, strict=True))
     return [pytest.param(c, id=c.stem, marks=marks[c.stem]) for c in CONFIGS]
 
 

@@ -86,7 +86,8 @@ class Attention(nn.Module):
             bias = self.relative_position(grid, num_prefix).to(q.dtype)[None]  # [1, M, N, N]
             attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))  # [B, M, N, N]
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, M, N, head_dim]
-        return self.proj(rearrange(x, "b m n d -> b n (m d)"))  # [B, N, out_dim]
+        # The attention's output may not be contiguous (with a float bias), which a view under torch.export refuses.
+        return self.proj(x.transpose(1, 2).contiguous().flatten(2))  # [B, N, M * head_dim] -> [B, N, out_dim]
 
 
 class FeedForward(nn.Module):
